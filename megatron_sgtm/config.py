@@ -1,0 +1,141 @@
+"""The typed configs of the core: model shape, forget partition, and routing method."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+Activation = Literal["gelu", "swiglu"]
+Positions = Literal["learned", "rope"]
+Placement = Literal["block_strided", "last"]
+Method = Literal["none", "sgtm", "gradient_routing", "activation_masking"]
+Variant = Literal["default", "joint_projection", "joint_attention"]
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 8
+    # None means multi-head attention (one query group per head).
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: int = 256
+    activation: Activation = "gelu"
+    position_embedding: Positions = "learned"
+    tie_embeddings: bool = True
+    output_bias: bool = False
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    add_bias_linear: bool = True
+    vocab_size: int = 2048
+    seq_length: int = 64
+    init_std: float = 0.02
+    dropout: float = 0.0
+    rotary_base: int = 10000
+    # Parameter dtype. "bf16" keeps fp32 main grads in the optimizer (GPU only).
+    params_dtype: Literal["fp32", "bf16"] = "fp32"
+    # "selective" recomputes core attention only. "full" is refused: it would re-run block
+    # forwards in backward, after the per-micro-batch routing context has moved on.
+    activation_recompute: Literal["none", "selective"] = "none"
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "vocab_size", "seq_length"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
+            out.append(f"hidden_size {self.hidden_size} is not divisible by "
+                       f"num_attention_heads {self.num_attention_heads}")
+        if self.num_query_groups is not None and (
+            self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups
+        ):
+            out.append(f"num_query_groups {self.num_query_groups} must be positive and divide "
+                       f"num_attention_heads {self.num_attention_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.position_embedding == "rope" and self.num_attention_heads > 0 and self.head_dim % 2:
+            out.append("position_embedding rope needs an even head dimension")
+        return out
+
+
+@dataclass
+class PartitionConfig:
+    """Which units of every block are forget units.
+
+    ``forget_heads`` counts attention units: heads for multi-head attention, whole query groups
+    for grouped-query attention (K/V are shared inside a group, so a group is the smallest unit
+    that can be removed).
+    """
+
+    forget_heads: int = 1
+    forget_mlp_units: int = 64
+    # None: every layer has forget units. Otherwise the 0-based layer indices that do.
+    layers: Optional[list[int]] = None
+    placement: Placement = "block_strided"
+    # Block-strided placement makes the global forget set identical for every TP size that
+    # divides max_tp; larger TP sizes are refused.
+    max_tp: int = 8
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.forget_heads < 0:
+            out.append(f"forget_heads: must be >= 0, got {self.forget_heads}")
+        if self.forget_mlp_units < 0:
+            out.append(f"forget_mlp_units: must be >= 0, got {self.forget_mlp_units}")
+        if self.max_tp <= 0:
+            out.append(f"max_tp: must be positive, got {self.max_tp}")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            out.append(f"layers: duplicate entries in {self.layers}")
+        return out
+
+
+@dataclass
+class RoutingConfig:
+    """How labels route gradients (SGTM.md sections 3 and 6)."""
+
+    method: Method = "sgtm"
+    variant: Variant = "default"
+    # Embeddings (and an untied output layer) and the per-block norms become retain parameters.
+    mask_embeddings: bool = False
+
+    @property
+    def masks_anything(self) -> bool:
+        return self.method != "none"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.method == "none" and (self.variant != "default" or self.mask_embeddings):
+            out.append("routing: variant/mask_embeddings need a routing method other than 'none'")
+        if self.method in ("gradient_routing", "activation_masking") and self.variant != "default":
+            out.append(f"routing.variant {self.variant!r} applies to method 'sgtm' only")
+        return out
+
+
+@dataclass
+class CoreConfig:
+    """Model + partition + routing, the part every command shares."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    tensor_parallel: int = 1
+
+    def problems(self) -> list[str]:
+        from .partition import PartitionError, build_partition
+
+        out = []
+        if self.tensor_parallel <= 0:
+            out.append(f"tensor_parallel: must be positive, got {self.tensor_parallel}")
+            return out
+        try:
+            build_partition(self.model, self.partition, self.routing).check_tp(self.tensor_parallel)
+        except PartitionError as exc:
+            out.append(str(exc))
+        return out

@@ -1,0 +1,150 @@
+"""Per-token gradient masks as autograd functions (plain torch, no megatron).
+
+The weight-gradient mask is *lean*: rather than multiplying grad_output by a full-size mask, it
+runs the weight-gradient GEMM on the kept tokens only and adds the forget-unit slice of the
+dropped tokens with a second, narrow GEMM. That does no more FLOPs than the unmasked GEMM.
+
+Input gradients (dgrad) are never masked: SGTM only restricts which *parameters* learn from a
+token, never what earlier layers see.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .routing import FORGET, RETAIN, TokenRouting
+
+
+def _masked_weight_grad(go: torch.Tensor, x: torch.Tensor, kept: torch.Tensor,
+                        dropped: torch.Tensor, units: torch.Tensor, on_rows: bool) -> torch.Tensor:
+    """``go.T @ x`` where ``dropped`` tokens contribute only to ``units`` (rows or columns)."""
+    go_kept = go.index_select(0, kept)
+    grad = go_kept.t().matmul(x.index_select(0, kept))
+    if units.numel() and dropped.numel():
+        go_dropped = go.index_select(0, dropped)
+        x_dropped = x.index_select(0, dropped)
+        if on_rows:
+            grad.index_add_(0, units, go_dropped.index_select(1, units).t().matmul(x_dropped))
+        else:
+            grad.index_add_(1, units, go_dropped.t().matmul(x_dropped.index_select(1, units)))
+    return grad
+
+
+def _masked_bias_grad(go: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor,
+                      units: torch.Tensor) -> torch.Tensor:
+    grad = go.index_select(0, kept).sum(0)
+    if units.numel() and dropped.numel():
+        grad.index_add_(0, units, go.index_select(0, dropped).index_select(1, units).sum(0))
+    return grad
+
+
+class MaskedWgradLinear(torch.autograd.Function):
+    """``y = x W^T + b`` whose W/b gradients ignore ``dropped`` tokens outside ``units``.
+
+    ``on_rows``: units index output features (column-parallel layers) or input features
+    (row-parallel layers). The TP all-reduce of the input gradient mirrors megatron's
+    ``LinearWithGradAccumulationAndAsyncCommunication`` so no collective is added or removed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kept, dropped, units, on_rows, mask_bias, allreduce_dgrad,
+                tp_group):
+        ctx.save_for_backward(x, weight, kept, dropped, units)
+        ctx.on_rows, ctx.mask_bias, ctx.has_bias = on_rows, mask_bias, bias is not None
+        ctx.allreduce_dgrad, ctx.tp_group = allreduce_dgrad, tp_group
+        out = torch.matmul(x, weight.t())
+        return out + bias if bias is not None else out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, kept, dropped, units = ctx.saved_tensors
+        grad_in = grad_out.matmul(weight)
+        handle = None
+        if ctx.allreduce_dgrad:
+            handle = dist.all_reduce(grad_in, group=ctx.tp_group, async_op=True)
+        go = grad_out.reshape(-1, grad_out.shape[-1])
+        flat_x = x.reshape(-1, x.shape[-1])
+        grad_w = _masked_weight_grad(go, flat_x, kept, dropped, units, ctx.on_rows)
+        grad_b = None
+        if ctx.has_bias:
+            grad_b = (_masked_bias_grad(go, kept, dropped, units) if ctx.mask_bias
+                      else go.sum(0))
+        if handle is not None:
+            handle.wait()
+        return grad_in, grad_w.to(weight.dtype), grad_b, None, None, None, None, None, None, None
+
+
+class MaskedBiasBroadcast(torch.autograd.Function):
+    """A bias broadcast to ``[s, b, n]`` whose gradient skips dropped tokens outside ``units``.
+
+    Megatron adds the bias of most linears outside the GEMM (``skip_bias_add``), fused with the
+    activation or the residual add; broadcasting here keeps that fusion and masks per token.
+    """
+
+    @staticmethod
+    def forward(ctx, bias, shape, kept, dropped, units):
+        ctx.save_for_backward(kept, dropped, units)
+        return bias.expand(*shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        kept, dropped, units = ctx.saved_tensors
+        go = grad.reshape(-1, grad.shape[-1])
+        return _masked_bias_grad(go, kept, dropped, units), None, None, None, None
+
+
+class MaskedAffine(torch.autograd.Function):
+    """``x_hat * w (+ b)`` for norms: w/b learn only from ``kept`` tokens; dgrad unchanged."""
+
+    @staticmethod
+    def forward(ctx, x_hat, weight, bias, kept):
+        ctx.save_for_backward(x_hat, weight, kept)
+        ctx.has_bias = bias is not None
+        out = x_hat * weight
+        return out + bias if bias is not None else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, weight, kept = ctx.saved_tensors
+        go = grad.reshape(-1, grad.shape[-1]).index_select(0, kept)
+        xh = x_hat.reshape(-1, x_hat.shape[-1]).index_select(0, kept)
+        grad_w = (go * xh).sum(0)
+        grad_b = go.sum(0) if ctx.has_bias else None
+        return grad * weight, grad_w, grad_b, None
+
+
+class DropTokenGrads(torch.autograd.Function):
+    """Identity whose gradient is zero at ``dropped`` tokens (embedding output under masking)."""
+
+    @staticmethod
+    def forward(ctx, x, dropped):
+        ctx.save_for_backward(dropped)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dropped,) = ctx.saved_tensors
+        grad = grad.clone()
+        grad.view(-1, grad.shape[-1]).index_fill_(0, dropped, 0.0)
+        return grad, None
+
+
+def gate_row_input(x: torch.Tensor, routing: TokenRouting, forget_cols: torch.Tensor,
+                   retain_path: bool, forget_gate: str | None) -> torch.Tensor:
+    """Per-token, per-column gate on the input of a row-parallel linear (proj / fc2).
+
+    - retain-labelled tokens: forget columns are zeroed (the masked retain path);
+    - forget-labelled tokens under Gradient Routing: retain columns are detached;
+    - forget-labelled tokens under activation masking: retain columns are zeroed.
+    """
+    is_forget_col = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
+    is_forget_col[forget_cols] = 1.0
+    keep = torch.ones((), dtype=x.dtype, device=x.device)
+    if retain_path and routing.has_retain:
+        keep = keep - routing.token_flags(RETAIN, x.device, x.dtype) * is_forget_col
+    if forget_gate is None or not routing.has_forget:
+        return x * keep if keep.dim() else x
+    on_retain_cols = routing.token_flags(FORGET, x.device, x.dtype) * (1.0 - is_forget_col)
+    if forget_gate == "zero":
+        return x * (keep - on_retain_cols)
+    return x * (keep - on_retain_cols) + (x * on_retain_cols).detach()

@@ -1,0 +1,40 @@
+"""Process groups: torch.distributed + megatron-core parallel_state (DP x TP)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from .cpu_shims import apply_cpu_shims
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_parallel(tensor_parallel: int, seed: int, backend: str | None = None) -> None:
+    """Initialise torch.distributed from the torchrun environment and megatron's TP/DP groups."""
+    if not torch.cuda.is_available():
+        apply_cpu_shims()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend or default_backend())
+    world = dist.get_world_size()
+    if world % tensor_parallel:
+        raise ValueError(f"world size {world} is not divisible by tensor_parallel "
+                         f"{tensor_parallel}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,135 @@
+"""The per-micro-batch routing context and the routing rules of each method.
+
+The training loop wraps every micro-batch's forward in ``route(labels)``. Layers read the
+active ``TokenRouting`` at forward time and capture it into their autograd context, so the
+backward pass never reads a later micro-batch's labels.
+
+Label codes (the shard sidecar uses the same): 0 unlabeled, 1 retain (masked path), 2 forget.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+UNLABELED, RETAIN, FORGET = 0, 1, 2
+LABEL_NAMES = {UNLABELED: "unlabeled", RETAIN: "retain", FORGET: "forget"}
+
+ROW_ROLES = ("proj", "fc2")
+COLUMN_ROLES = ("qkv", "fc1")
+
+
+@dataclass(frozen=True)
+class LinearRule:
+    """What one linear does under a routing method (SGTM.md sections 2, 3 and 6)."""
+
+    # Row layers: zero the forget-unit input columns for retain-labelled tokens.
+    retain_path_zeroing: bool = False
+    # Row layers, forget-labelled tokens, retain-unit input columns: "detach" (Gradient
+    # Routing) or "zero" (activation masking).
+    forget_token_gate: str | None = None
+    # SGTM: forget-labelled tokens give no weight/bias gradient to retain units of this linear.
+    masked_wgrad: bool = False
+
+
+def linear_rule(method: str, variant: str, role: str) -> LinearRule:
+    if method == "none":
+        return LinearRule()
+    is_row = role in ROW_ROLES
+    gate = None
+    if is_row and method == "gradient_routing":
+        gate = "detach"
+    elif is_row and method == "activation_masking":
+        gate = "zero"
+    masked = False
+    if method == "sgtm":
+        masked = {
+            "default": True,
+            "joint_projection": role in COLUMN_ROLES,
+            "joint_attention": role == "fc1",
+        }[variant]
+    return LinearRule(retain_path_zeroing=is_row, forget_token_gate=gate, masked_wgrad=masked)
+
+
+def ablated_roles(variant: str) -> tuple[str, ...]:
+    """Linears whose forget slices are theta_forget (zeroed by post-ablation)."""
+    return {
+        "default": ("qkv", "proj", "fc1", "fc2"),
+        "joint_projection": ("qkv", "fc1"),
+        "joint_attention": ("fc1",),
+    }[variant]
+
+
+@dataclass
+class TokenRouting:
+    """One micro-batch's labels, flattened in megatron's ``[s, b]`` token order.
+
+    Index sets are computed on the host from host labels, so the step has no device sync.
+    """
+
+    labels: torch.Tensor  # [b, s] integer tensor as given by the data loader
+    _device_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        labels = self.labels
+        if labels.dim() != 2:
+            raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
+        host = labels.detach().to("cpu", torch.int64)
+        bad = ~((host == UNLABELED) | (host == RETAIN) | (host == FORGET))
+        if bool(bad.any()):
+            raise ValueError(f"labels hold codes other than 0/1/2: {host[bad].unique().tolist()}")
+        self.batch, self.seq = host.shape
+        flat = host.t().reshape(-1)  # [s, b] order, as megatron's activations
+        self._flat = flat
+        self.num_forget = int((flat == FORGET).sum())
+        self.num_retain = int((flat == RETAIN).sum())
+        self.num_tokens = flat.numel()
+
+    @property
+    def has_forget(self) -> bool:
+        return self.num_forget > 0
+
+    @property
+    def has_retain(self) -> bool:
+        return self.num_retain > 0
+
+    def _cached(self, key, device, make):
+        full = (key, str(device))
+        if full not in self._device_cache:
+            self._device_cache[full] = make().to(device, non_blocking=True)
+        return self._device_cache[full]
+
+    def forget_index(self, device) -> torch.Tensor:
+        return self._cached("forget_idx", device,
+                            lambda: (self._flat == FORGET).nonzero().squeeze(1))
+
+    def kept_index(self, device) -> torch.Tensor:
+        """Tokens whose gradients reach every unit: all but the forget-labelled ones."""
+        return self._cached("kept_idx", device,
+                            lambda: (self._flat != FORGET).nonzero().squeeze(1))
+
+    def token_flags(self, label: int, device, dtype) -> torch.Tensor:
+        """``[s, b, 1]`` 0/1 indicator of tokens carrying ``label``."""
+        return self._cached(
+            ("flags", label, dtype), device,
+            lambda: (self._flat == label).to(dtype).view(self.seq, self.batch, 1))
+
+
+_state = threading.local()
+
+
+def current() -> TokenRouting | None:
+    return getattr(_state, "routing", None)
+
+
+@contextlib.contextmanager
+def route(labels: torch.Tensor | None):
+    """Make ``labels`` ([b, s], codes 0/1/2) the routing for forwards run inside the block."""
+    previous = current()
+    _state.routing = None if labels is None else TokenRouting(labels)
+    try:
+        yield _state.routing
+    finally:
+        _state.routing = previous
