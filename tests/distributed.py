@@ -1,10 +1,12 @@
 """In-process spawn of gloo process groups for distributed tests (no torchrun)."""
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -22,7 +24,11 @@ def _worker(rank, world_size, port, fn, args, queue):
 
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        # Serialise to bytes: tensors sent through the queue would live in shared memory that
+        # disappears when this worker exits.
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report any failure to the parent with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -48,7 +54,8 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
             rank, status, payload = queue.get(timeout=timeout)
             if status == "error":
                 errors.append(f"rank {rank}:\n{payload}")
-            results[rank] = payload
+            results[rank] = payload if status == "error" else torch.load(
+                io.BytesIO(payload), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=30)
