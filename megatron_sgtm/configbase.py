@@ -65,7 +65,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
             return tp()
-        return _build(tp, value, where, problems)
+        return _build(tp, value, f"{where}.", problems)
     if tp is Any:
         return value
     if tp is bool:
