@@ -30,6 +30,9 @@ class ModelConfig:
     init_std: float = 0.02
     dropout: float = 0.0
     rotary_base: int = 10000
+    # Per-head width. None means hidden_size / num_attention_heads; set explicitly when heads
+    # do not divide hidden_size (e.g. a pruned model with forget heads removed).
+    kv_channels: Optional[int] = None
     # Parameter dtype. "bf16" keeps fp32 main grads in the optimizer (GPU only).
     params_dtype: Literal["fp32", "bf16"] = "fp32"
     # "selective" recomputes core attention only. "full" is refused: it would re-run block
@@ -42,7 +45,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def problems(self) -> list[str]:
         out = []
@@ -50,7 +53,10 @@ class ModelConfig:
                      "vocab_size", "seq_length"):
             if getattr(self, name) <= 0:
                 out.append(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is not None and self.kv_channels <= 0:
+            out.append(f"kv_channels: must be positive, got {self.kv_channels}")
+        if (self.kv_channels is None and self.num_attention_heads > 0
+                and self.hidden_size % self.num_attention_heads):
             out.append(f"hidden_size {self.hidden_size} is not divisible by "
                        f"num_attention_heads {self.num_attention_heads}")
         if self.num_query_groups is not None and (

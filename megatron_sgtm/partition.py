@@ -200,7 +200,7 @@ def build_partition(model, partition, routing=None) -> Partition:
     return Partition(
         num_layers=model.num_layers, query_groups=groups,
         heads_per_group=model.num_attention_heads // groups,
-        head_dim=model.hidden_size // model.num_attention_heads,
+        head_dim=getattr(model, "kv_channels", None) or model.hidden_size // model.num_attention_heads,
         mlp_units=model.ffn_hidden_size, gated_mlp=model.activation == "swiglu",
         forget_groups=groups_ids, forget_mlp=mlp_ids, layers=layers,
         placement=partition.placement, max_tp=partition.max_tp)
