@@ -15,8 +15,24 @@ import torch.distributed as dist
 from .routing import FORGET, RETAIN, TokenRouting
 
 
+_MAX_SLICE_RUNS = 16
+
+
+def _add_to_units(grad: torch.Tensor, dim: int, units: torch.Tensor, runs, piece: torch.Tensor):
+    """``grad[units along dim] += piece``. Forget units come in a few contiguous runs
+    (block-strided placement), and slice adds beat ``index_add_`` along a strided dim."""
+    if len(runs) > _MAX_SLICE_RUNS:
+        grad.index_add_(dim, units, piece)
+        return
+    offset = 0
+    for start, stop in runs:
+        grad.narrow(dim, start, stop - start).add_(piece.narrow(dim, offset, stop - start))
+        offset += stop - start
+
+
 def _masked_weight_grad(go: torch.Tensor, x: torch.Tensor, kept: torch.Tensor,
-                        dropped: torch.Tensor, units: torch.Tensor, on_rows: bool) -> torch.Tensor:
+                        dropped: torch.Tensor, units: torch.Tensor, runs,
+                        on_rows: bool) -> torch.Tensor:
     """``go.T @ x`` where ``dropped`` tokens contribute only to ``units`` (rows or columns)."""
     go_kept = go.index_select(0, kept)
     grad = go_kept.t().matmul(x.index_select(0, kept))
@@ -24,9 +40,9 @@ def _masked_weight_grad(go: torch.Tensor, x: torch.Tensor, kept: torch.Tensor,
         go_dropped = go.index_select(0, dropped)
         x_dropped = x.index_select(0, dropped)
         if on_rows:
-            grad.index_add_(0, units, go_dropped.index_select(1, units).t().matmul(x_dropped))
+            _add_to_units(grad, 0, units, runs, go_dropped.index_select(1, units).t().matmul(x_dropped))
         else:
-            grad.index_add_(1, units, go_dropped.t().matmul(x_dropped.index_select(1, units)))
+            _add_to_units(grad, 1, units, runs, go_dropped.t().matmul(x_dropped.index_select(1, units)))
     return grad
 
 
@@ -47,9 +63,10 @@ class MaskedWgradLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, kept, dropped, units, on_rows, mask_bias, allreduce_dgrad,
-                tp_group):
+    def forward(ctx, x, weight, bias, kept, dropped, units, runs, on_rows, mask_bias,
+                allreduce_dgrad, tp_group):
         ctx.save_for_backward(x, weight, kept, dropped, units)
+        ctx.runs = runs
         ctx.on_rows, ctx.mask_bias, ctx.has_bias = on_rows, mask_bias, bias is not None
         ctx.allreduce_dgrad, ctx.tp_group = allreduce_dgrad, tp_group
         out = torch.matmul(x, weight.t())
@@ -64,14 +81,14 @@ class MaskedWgradLinear(torch.autograd.Function):
             handle = dist.all_reduce(grad_in, group=ctx.tp_group, async_op=True)
         go = grad_out.reshape(-1, grad_out.shape[-1])
         flat_x = x.reshape(-1, x.shape[-1])
-        grad_w = _masked_weight_grad(go, flat_x, kept, dropped, units, ctx.on_rows)
+        grad_w = _masked_weight_grad(go, flat_x, kept, dropped, units, ctx.runs, ctx.on_rows)
         grad_b = None
         if ctx.has_bias:
             grad_b = (_masked_bias_grad(go, kept, dropped, units) if ctx.mask_bias
                       else go.sum(0))
         if handle is not None:
             handle.wait()
-        return grad_in, grad_w.to(weight.dtype), grad_b, None, None, None, None, None, None, None
+        return (grad_in, grad_w.to(weight.dtype), grad_b) + (None,) * 9
 
 
 class MaskedBiasBroadcast(torch.autograd.Function):
@@ -129,22 +146,26 @@ class DropTokenGrads(torch.autograd.Function):
         return grad, None
 
 
-def gate_row_input(x: torch.Tensor, routing: TokenRouting, forget_cols: torch.Tensor,
+def gate_row_input(x: torch.Tensor, routing: TokenRouting, forget_cols: tuple[int, ...],
                    retain_path: bool, forget_gate: str | None) -> torch.Tensor:
     """Per-token, per-column gate on the input of a row-parallel linear (proj / fc2).
 
     - retain-labelled tokens: forget columns are zeroed (the masked retain path);
     - forget-labelled tokens under Gradient Routing: retain columns are detached;
     - forget-labelled tokens under activation masking: retain columns are zeroed.
+
+    The boolean masks are built once per micro-batch and column set (shared by every layer with
+    the same units), so each layer pays one ``masked_fill`` / ``where`` forward and backward.
     """
-    is_forget_col = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
-    is_forget_col[forget_cols] = 1.0
-    keep = torch.ones((), dtype=x.dtype, device=x.device)
+    n = x.shape[-1]
+    zero = None
     if retain_path and routing.has_retain:
-        keep = keep - routing.token_flags(RETAIN, x.device, x.dtype) * is_forget_col
+        zero = routing.column_mask(RETAIN, forget_cols, n, x.device, invert_columns=False)
     if forget_gate is None or not routing.has_forget:
-        return x * keep if keep.dim() else x
-    on_retain_cols = routing.token_flags(FORGET, x.device, x.dtype) * (1.0 - is_forget_col)
+        return x if zero is None else x.masked_fill(zero, 0.0)
+    on_retain_cols = routing.column_mask(FORGET, forget_cols, n, x.device, invert_columns=True)
     if forget_gate == "zero":
-        return x * (keep - on_retain_cols)
-    return x * (keep - on_retain_cols) + (x * on_retain_cols).detach()
+        both = on_retain_cols if zero is None else (on_retain_cols | zero)
+        return x.masked_fill(both, 0.0)
+    kept = x if zero is None else x.masked_fill(zero, 0.0)
+    return torch.where(on_retain_cols, x.detach(), kept)

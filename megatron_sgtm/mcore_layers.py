@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from . import routing as routing_mod
 from .masking import DropTokenGrads, MaskedAffine, MaskedBiasBroadcast, MaskedWgradLinear, gate_row_input
+from .partition import to_runs
 from .routing import LinearRule
 
 
@@ -30,11 +31,13 @@ class _RoutedLinearMixin:
 
     _sgtm_rule: LinearRule = LinearRule()
     _sgtm_units: tuple[int, ...] = ()
+    _sgtm_runs: tuple[tuple[int, int], ...] = ()
     _sgtm_mask_bias: bool = True
 
     def bind(self, rule: LinearRule, units: tuple[int, ...], mask_bias: bool = True) -> None:
         self._sgtm_rule = rule
         self._sgtm_units = tuple(units)
+        self._sgtm_runs = to_runs(self._sgtm_units)
         self._sgtm_mask_bias = mask_bias
         self._sgtm_unit_cache: dict = {}
 
@@ -59,7 +62,8 @@ class _RoutedLinearMixin:
         device = input.device
         return MaskedWgradLinear.apply(
             input, weight, bias, routing.kept_index(device), routing.forget_index(device),
-            self._units_on(device), on_rows, self._sgtm_mask_bias, allreduce_dgrad, tp_group)
+            self._units_on(device), self._sgtm_runs, on_rows, self._sgtm_mask_bias,
+            allreduce_dgrad, tp_group)
 
     def _wrap_bias(self, output, bias):
         routing = self._masks_wgrad_now()
@@ -105,7 +109,7 @@ class SGTMRowParallelLinear(_RoutedLinearMixin, RowParallelLinear):
         rule = self._sgtm_rule
         routing = routing_mod.current()
         if routing is not None and (rule.retain_path_zeroing or rule.forget_token_gate):
-            input = gate_row_input(input, routing, self._units_on(input.device),
+            input = gate_row_input(input, routing, self._sgtm_units,
                                    rule.retain_path_zeroing, rule.forget_token_gate)
         routing = self._masks_wgrad_now()
         if routing is None or not weight.requires_grad:

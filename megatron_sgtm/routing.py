@@ -110,11 +110,19 @@ class TokenRouting:
         return self._cached("kept_idx", device,
                             lambda: (self._flat != FORGET).nonzero().squeeze(1))
 
-    def token_flags(self, label: int, device, dtype) -> torch.Tensor:
-        """``[s, b, 1]`` 0/1 indicator of tokens carrying ``label``."""
-        return self._cached(
-            ("flags", label, dtype), device,
-            lambda: (self._flat == label).to(dtype).view(self.seq, self.batch, 1))
+    def column_mask(self, label: int, columns: tuple[int, ...], width: int, device,
+                    invert_columns: bool) -> torch.Tensor:
+        """``[s, b, width]`` bool: tokens carrying ``label`` x ``columns`` (or their complement)."""
+
+        def make():
+            cols = torch.zeros(width, dtype=torch.bool)
+            cols[list(columns)] = True
+            if invert_columns:
+                cols = ~cols
+            tokens = (self._flat == label).view(self.seq, self.batch, 1)
+            return tokens & cols
+
+        return self._cached(("cols", label, columns, width, invert_columns), device, make)
 
 
 _state = threading.local()
