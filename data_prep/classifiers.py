@@ -13,21 +13,79 @@ from data_prep.recipe import ClassifierConfig
 
 
 class LanguageScorer:
-    """py3langid restricted to the recipe's languages; score = P(forget language)."""
+    """py3langid restricted to the recipe's languages; score = P(forget language).
+
+    Uses py3langid's own model and scoring rule, but walks its byte DFA for a whole
+    batch at once with numpy (one vector step per byte position) instead of one
+    Python step per byte per document; identical scores, several times faster.
+    """
 
     def __init__(self, cfg: ClassifierConfig):
         from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
 
-        self._id = LanguageIdentifier.from_modelpath(MODEL_DIR / MODEL_FILE, norm_probs=True)
-        self._id.set_languages(list(cfg.languages))
-        self._target = cfg.forget_language
+        ident = LanguageIdentifier.from_modelpath(MODEL_DIR / MODEL_FILE, norm_probs=True)
+        ident.set_languages(list(cfg.languages))
+        self.identifier = ident  # the reference implementation, kept for cross-checks
+        self._nm = np.frombuffer(ident.tk_nextmove, dtype=np.dtype(ident.tk_nextmove.typecode)).astype(np.int64)
+        self._rowbase = np.asarray(ident._rowbase, dtype=np.int64)
+        self._out = np.asarray(ident.tk_output, dtype=np.int64)
+        self._ptc = np.asarray(ident.nb_ptc, dtype=np.float32)
+        self._pc = np.asarray(ident.nb_pc, dtype=np.float32)
+        self._aliases = list(ident._alias_pairs)
+        self._encode = ident._encode
+        self._target = list(ident.nb_classes).index(cfg.forget_language)
         self._max_chars = cfg.max_chars
 
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        """Normalised class probabilities, one row per text (py3langid's norm_probs)."""
+        enc = [self._encode(t[: self._max_chars]) for t in texts]
+        n, k = len(enc), len(self._pc)
+        lens = np.fromiter((len(b) for b in enc), dtype=np.int64, count=n)
+        order = np.argsort(-lens, kind="stable")  # longest first: active docs are a prefix
+        lens_sorted = lens[order]
+        width = int(lens_sorted[0]) if n else 0
+        grid = np.zeros((n, width), dtype=np.int64)
+        grid[np.arange(width)[None, :] < lens_sorted[:, None]] = np.frombuffer(
+            b"".join(enc[i] for i in order), dtype=np.uint8)
+        state = np.zeros(n, dtype=np.int64)
+        docs, feats = [], []
+        active = n
+        for t in range(width):
+            while active and lens_sorted[active - 1] <= t:
+                active -= 1
+            s = self._nm[self._rowbase[state[:active]] + grid[:active, t]]
+            state[:active] = s
+            f = self._out[s]
+            hit = np.flatnonzero(f >= 0)
+            docs.append(hit)
+            feats.append(f[hit])
+        scores = np.zeros((n, k), dtype=np.float32)
+        if docs:
+            d = np.concatenate(docs)
+            f = np.concatenate(feats)
+            nfeat = len(self._ptc)
+            pairs, counts = np.unique(d * nfeat + f, return_counts=True)
+            d, f = pairs // nfeat, pairs % nfeat
+            contrib = np.log1p(counts.astype(np.float32))[:, None] * self._ptc[f]
+            np.add.at(scores, d, contrib)
+            has = np.zeros(n, dtype=bool)
+            has[d] = True
+            scores[has] += self._pc
+        # Same normalisation as py3langid: temperature sqrt(bytes), then softmax.
+        scores *= (1.0 / np.sqrt(np.maximum(lens_sorted, 1)))[:, None].astype(np.float32)
+        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+        scores /= scores.sum(axis=1, keepdims=True)
+        for i, j in self._aliases:
+            scores[:, i] += scores[:, j]
+            scores[:, j] = 0.0
+        out = np.empty_like(scores)
+        out[order] = scores
+        return out
+
     def score(self, texts: list[str]) -> np.ndarray:
-        out = np.empty(len(texts), dtype=np.float32)
-        for i, t in enumerate(texts):
-            out[i] = dict(self._id.rank(t[: self._max_chars])).get(self._target, 0.0)
-        return np.clip(out, 0.0, 1.0)
+        if not texts:
+            return np.zeros(0, dtype=np.float32)
+        return np.clip(self.probabilities(texts)[:, self._target], 0.0, 1.0).astype(np.float32)
 
 
 class TopicScorer:

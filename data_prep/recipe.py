@@ -72,7 +72,7 @@ class SplitConfig:
 class TokenizerConfig:
     # Path to an existing sentencepiece model; None trains one on the train split.
     model: Optional[str] = None
-    kind: str = "bpe"
+    kind: str = "unigram"
     vocab_size: int = 2048
     max_train_bytes: int = 3_000_000
     character_coverage: float = 0.9995

@@ -1,0 +1,65 @@
+"""Raw-text throughput of `sgtm prep`, end to end: read, classify, tokenize, write.
+
+The tokenizer is trained once beforehand and passed in, so the timed run measures the
+per-corpus work that scales with data size (training a tokenizer is a one-off cost
+bounded by tokenizer.max_train_bytes). Prints MB/s and the machine it ran on.
+
+    python bench/prep_speed.py [--recipe configs/data/bilingual.yaml] [--workers N] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default=str(ROOT / "configs/data/bilingual.yaml"))
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args()
+
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (import cost is not prep work)
+
+    from data_prep.corpus import load_corpus
+    from data_prep.pipeline import prepare
+    from data_prep.recipe import load_recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(a.recipe, a.overrides)
+        prepare(recipe, Path(tmp) / "warm", workers=a.workers, progress=False, log=lambda m: None)
+        tok = str(Path(tmp) / "warm" / "tokenizer.model")
+        recipe = load_recipe(a.recipe, a.overrides + [f"tokenizer.model={tok}"])
+        mb = sum(len(t.encode("utf-8")) for t in load_corpus(recipe).texts) / 1e6
+        t0 = time.perf_counter()
+        prepare(recipe, Path(tmp) / "timed", workers=a.workers, progress=False, log=lambda m: None)
+        dt = time.perf_counter() - t0
+    print(f"machine: {machine()}")
+    print(f"recipe: {Path(a.recipe).name} ({recipe.classifier.kind} classifier), workers {a.workers}")
+    print(f"prep: {mb:.2f} MB raw text in {dt:.2f} s = {mb / dt:.2f} MB/s end to end "
+          "(read + classify + tokenize + write)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
