@@ -95,6 +95,8 @@ def train_tokenizer(texts: list[str], cfg: TokenizerConfig) -> TokenizerInfo:
             unk_id=0, eos_id=1, eos_piece=EOD, pad_id=2, bos_id=-1,
             control_symbols=[GOOD, BAD], max_sentence_length=1 << 16,
             shuffle_input_sentence=False, num_threads=cfg.num_threads, minloglevel=2,
+            # Small corpora may not support the requested vocab; unigram then shrinks it.
+            **({"hard_vocab_limit": False} if cfg.kind == "unigram" else {}),
         )
     except RuntimeError as e:
         raise PrepError(f"tokenizer training failed: {e}") from None
