@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end (CPU smoke mode); they report, tests never time."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OUT=str(tmp_path))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_gpu_bench_smoke_mode_on_cpu(tmp_path):
+    proc = _run(["bench/gpu.py", "--tiny", "--device", "cpu", "--no-compile", "--steps", "1",
+                 "--warmup", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    variants = {row["variant"]: row for row in data["rows"]}
+    assert set(variants) == {"SGTM on", "masking off", "reference"}
+    assert all(row["tokens_per_s"] > 0 for row in variants.values())
+    # Same architecture and width: our model and the reference have the same parameter count.
+    assert variants["SGTM on"]["params"] == variants["reference"]["params"]
+    assert "vs ref" in proc.stdout
+
+
+def test_overhead_bench_prints_a_ratio(tmp_path):
+    proc = _run(["bench/sgtm_overhead.py", "--layers", "1", "--hidden", "64", "--seq", "16",
+                 "--batch", "4", "--steps", "2", "--threads", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step-time ratio" in proc.stdout and "machine:" in proc.stdout
