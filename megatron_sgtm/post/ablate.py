@@ -1,0 +1,116 @@
+"""Post-ablation (theta_forget -> exactly 0) and pruning into a smaller dense model.
+
+Zeroing works in place on this rank's shards (megatron_sgtm.ablation). Pruning works on the
+full (TP=1) parameter layout: it removes the forget query groups and MLP units, which is exact
+because an ablated unit contributes exactly zero (its q/k/v rows and biases are zero, so the
+head's output is softmax(.)@0 = 0; its fc1 row and bias are zero and gelu(0) = silu(0) = 0).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..ablation import forget_slices, zero_forget_
+from ..config import CoreConfig
+from ..partition import Partition, build_partition
+from ..routing import ablated_roles
+
+__all__ = ["zero_forget_", "max_abs_forget", "prune_full_params", "PruneError"]
+
+
+class PruneError(ValueError):
+    """This model cannot be pruned into a dense megatron model that matches exactly."""
+
+
+@torch.no_grad()
+def max_abs_forget(model) -> float:
+    """Largest |entry| of theta_forget on this rank's shards (0.0 after ablation)."""
+    worst = 0.0
+    for _name, module, _role, units in forget_slices(model):
+        index = torch.tensor(units, dtype=torch.long, device=module.weight.device)
+        column = _is_column(module)
+        worst = max(worst, module.weight.index_select(0 if column else 1, index).abs().max().item())
+        if column and module.bias is not None:
+            worst = max(worst, module.bias.index_select(0, index).abs().max().item())
+    return worst
+
+
+def _is_column(module) -> bool:
+    from ..mcore_layers import SGTMColumnParallelLinear
+
+    return isinstance(module, SGTMColumnParallelLinear)
+
+
+def _global_indices(part: Partition) -> dict[str, list[int]]:
+    """Full-layout forget rows/cols per role (as Partition.local at tp=1)."""
+    local = part.local(1, 0)
+    return {role: list(local.units(role)) for role in ("qkv", "proj", "fc1", "fc2")}
+
+
+def _keep(size: int, drop: list[int]) -> torch.Tensor:
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[drop] = False
+    return keep.nonzero().squeeze(1)
+
+
+def pruned_core(core: CoreConfig) -> CoreConfig:
+    """The config of the dense model left after removing every forget unit."""
+    part = build_partition(core.model, core.partition, core.routing)
+    problems = []
+    if tuple(part.layers) != tuple(range(core.model.num_layers)):
+        problems.append(f"forget units live only in layers {list(part.layers)}; megatron needs "
+                        "the same head/unit counts in every layer")
+    roles = ablated_roles(core.routing.variant)
+    drops_heads = bool(part.forget_groups) and "qkv" in roles
+    drops_mlp = bool(part.forget_mlp) and "fc1" in roles
+    if not drops_heads and not drops_mlp:
+        problems.append("the partition has no ablated units to remove")
+    groups_left = part.query_groups - (len(part.forget_groups) if drops_heads else 0)
+    units_left = part.mlp_units - (len(part.forget_mlp) if drops_mlp else 0)
+    if groups_left <= 0 or units_left <= 0:
+        problems.append("pruning would remove every attention group or every MLP unit")
+    if problems:
+        raise PruneError("cannot prune exactly: " + "; ".join(problems))
+    new = copy.deepcopy(core)
+    m = new.model
+    m.kv_channels = part.head_dim
+    m.num_attention_heads = groups_left * part.heads_per_group
+    m.num_query_groups = None if core.model.num_query_groups is None else groups_left
+    m.ffn_hidden_size = units_left
+    # The pruned model has no forget units; routing is irrelevant for a dense model.
+    new.partition.forget_heads = 0
+    new.partition.forget_mlp_units = 0
+    new.partition.layers = None
+    new.routing.method, new.routing.variant, new.routing.mask_embeddings = "none", "default", False
+    new.tensor_parallel = 1
+    return new
+
+
+@torch.no_grad()
+def prune_full_params(full: dict[str, torch.Tensor], core: CoreConfig
+                      ) -> tuple[CoreConfig, dict[str, torch.Tensor]]:
+    """Remove forget units from a TP=1-layout parameter dict of an (ablated) model."""
+    new_core = pruned_core(core)
+    part = build_partition(core.model, core.partition, core.routing)
+    drop = _global_indices(part)
+    roles = ablated_roles(core.routing.variant)
+    if "qkv" not in roles:
+        drop["qkv"] = drop["proj"] = []
+    # (joint_projection keeps proj/fc2 un-ablated, but their forget columns read only the zero
+    # outputs of ablated heads/units, so removing them is exact too.)
+    if "fc1" not in roles:
+        drop["fc1"] = drop["fc2"] = []
+    out = {}
+    for name, tensor in full.items():
+        role = next((r for r in ("qkv", "proj", "fc1", "fc2") if f"linear_{r}." in name), None)
+        if role is None or not drop[role]:
+            out[name] = tensor.clone()
+            continue
+        if role in ("qkv", "fc1"):
+            out[name] = tensor.index_select(0, _keep(tensor.shape[0], drop[role])).clone()
+        elif name.endswith(".weight"):
+            out[name] = tensor.index_select(1, _keep(tensor.shape[1], drop[role])).clone()
+        else:  # output bias of proj / fc2: kept (SGTM.md section 5)
+            out[name] = tensor.clone()
+    return new_core, out
