@@ -122,7 +122,7 @@ def run_variant(name, shape, vocab, args, device):
             if name == "reference":
                 loss = step_model(inputs, targets)
             else:
-                with route(labels):
+                with route(labels, device=device):
                     loss = step_model(inputs, pos, None, labels=targets).float().mean()
         loss.backward()
         opt.step()

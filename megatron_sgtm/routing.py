@@ -83,23 +83,29 @@ class TokenRouting:
         self.batch, self.seq = host.shape
         flat = host.t().reshape(-1)  # [s, b] order, as megatron's activations
         self._flat = flat
-        self.num_forget = int((flat == FORGET).sum())
-        self.num_retain = int((flat == RETAIN).sum())
-        self.num_tokens = flat.numel()
+        # Plain bools, not counts: under torch.compile a guard on a bool allows two graphs,
+        # a guard on a count would recompile for every new count.
+        self.has_forget = bool((flat == FORGET).any())
+        self.has_retain = bool((flat == RETAIN).any())
 
-    @property
-    def has_forget(self) -> bool:
-        return self.num_forget > 0
-
-    @property
-    def has_retain(self) -> bool:
-        return self.num_retain > 0
+    def prepare(self, device) -> "TokenRouting":
+        """Move every per-token tensor to ``device`` now, outside any compiled region."""
+        self.forget_index(device)
+        self.kept_index(device)
+        for label in (RETAIN, FORGET):
+            self.token_flags(label, device)
+        return self
 
     def _cached(self, key, device, make):
         full = (key, str(device))
         if full not in self._device_cache:
             self._device_cache[full] = make().to(device, non_blocking=True)
         return self._device_cache[full]
+
+    def token_flags(self, label: int, device) -> torch.Tensor:
+        """``[s, b, 1]`` bool: tokens carrying ``label``."""
+        return self._cached(("flags", label), device,
+                            lambda: (self._flat == label).view(self.seq, self.batch, 1))
 
     def forget_index(self, device) -> torch.Tensor:
         return self._cached("forget_idx", device,
@@ -112,7 +118,14 @@ class TokenRouting:
 
     def column_mask(self, label: int, columns: tuple[int, ...], width: int, device,
                     invert_columns: bool) -> torch.Tensor:
-        """``[s, b, width]`` bool: tokens carrying ``label`` x ``columns`` (or their complement)."""
+        """``[s, b, width]`` bool: tokens carrying ``label`` x ``columns`` (or their complement).
+
+        Eager mode caches the mask for every layer with the same columns; a compiled graph
+        builds it inline, where it fuses into the masking op and costs no memory."""
+        if torch.compiler.is_compiling():
+            cols = torch.zeros(width, dtype=torch.bool, device=device)
+            cols[list(columns)] = True
+            return self.token_flags(label, device) & (~cols if invert_columns else cols)
 
         def make():
             cols = torch.zeros(width, dtype=torch.bool)
@@ -133,10 +146,15 @@ def current() -> TokenRouting | None:
 
 
 @contextlib.contextmanager
-def route(labels: torch.Tensor | None):
-    """Make ``labels`` ([b, s], codes 0/1/2) the routing for forwards run inside the block."""
+def route(labels: torch.Tensor | None, device=None):
+    """Make ``labels`` ([b, s], codes 0/1/2) the routing for forwards run inside the block.
+
+    Pass ``device`` to move the per-token index tensors there up front (needed under
+    torch.compile, harmless otherwise)."""
     previous = current()
     _state.routing = None if labels is None else TokenRouting(labels)
+    if _state.routing is not None and device is not None:
+        _state.routing.prepare(device)
     try:
         yield _state.routing
     finally:
