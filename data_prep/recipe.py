@@ -74,7 +74,7 @@ class TokenizerConfig:
     model: Optional[str] = None
     kind: str = "unigram"
     vocab_size: int = 2048
-    max_train_bytes: int = 3_000_000
+    max_train_bytes: int = 2_000_000
     character_coverage: float = 0.9995
     num_threads: int = 2
     seed: int = 0
