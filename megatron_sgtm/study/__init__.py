@@ -1,0 +1,1 @@
+"""Sweeps of SGTM and baselines: specs, executors (local, parallel, SLURM), analysis, plots."""

@@ -1,0 +1,164 @@
+"""Single-process training of one study run (world size 1, TP 1, CPU or one GPU).
+
+A worker process calls ``worker_init`` once (megatron import + a one-rank process group), then
+trains any number of runs with ``train_run``; paying the start-up once per worker rather than
+once per run (torchrun) is what makes a 10-minute CPU demo possible.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+_STATE: dict = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_init(threads: int = 1) -> None:
+    """Idempotent: one-rank gloo group + megatron parallel state for this process."""
+    if _STATE.get("ready"):
+        return
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    if "RANK" not in os.environ or "MASTER_PORT" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from ..parallel import init_parallel
+
+    init_parallel(1, 0)
+    _STATE["ready"] = True
+
+
+def seed_all(seed: int) -> None:
+    import torch
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def core_config(size, vocab: int, seq: int, routing_method: str):
+    from ..config import CoreConfig, ModelConfig, PartitionConfig, RoutingConfig
+
+    return CoreConfig(
+        model=ModelConfig(num_layers=size.num_layers, hidden_size=size.hidden_size,
+                          num_attention_heads=size.num_attention_heads,
+                          ffn_hidden_size=size.ffn_hidden_size, vocab_size=vocab, seq_length=seq),
+        partition=PartitionConfig(forget_heads=size.forget_heads,
+                                  forget_mlp_units=size.forget_mlp_units),
+        routing=RoutingConfig(method=routing_method))
+
+
+def batch_of(rows: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:
+    """Packed ``[b, seq+1]`` rows -> a batch the post tools and the model accept."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+    out = {"tokens": t[:, :-1].contiguous(), "targets": t[:, 1:].contiguous()}
+    if labels is not None:
+        lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        out["labels"] = lab.unsqueeze(1).expand(-1, out["tokens"].shape[1]).contiguous()
+    return out
+
+
+def batches_of(packed, batch_size: int) -> list[dict]:
+    return [batch_of(packed.tokens[i:i + batch_size]) for i in range(0, len(packed), batch_size)]
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up, cosine to ``min_ratio * peak`` (SGTM.md section 8)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    tokens: int
+    tokens_per_label: dict
+    forget_tokens_seen: int
+    undiscovered_tokens_seen: int
+    seconds: float
+    curve: list = field(default_factory=list)  # {step, tokens, train_loss, retain, forget}
+
+
+def _mean_loss(model, rows: np.ndarray) -> float:
+    import torch
+
+    from ..post.common import frozen, token_loss, as_batch
+
+    with frozen(model), torch.no_grad():
+        return float(token_loss(model, as_batch(batch_of(rows))).mean())
+
+
+def train_run(model, packed, train, total_tokens: int, seed: int, curve_sets: dict,
+              progress: Callable[[str], None] = lambda m: None) -> TrainOutcome:
+    """Train ``model`` in place on ``packed`` for ``total_tokens`` (whole batches).
+
+    One torch AdamW over every parameter, as the paper: masked gradients are zero, not removed,
+    so momentum and weight decay still move masked parameters (SGTM.md section 3)."""
+    import torch
+
+    from ..routing import route
+
+    seq, bsz = train.seq_length, train.batch_size
+    steps = max(1, total_tokens // (seq * bsz))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=train.lr, betas=(0.9, 0.95))
+    warmup = int(train.warmup_fraction * steps)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(packed))
+    per_label = {0: 0, 1: 0, 2: 0}
+    forget_seen = undiscovered_seen = 0
+    every = max(1, steps // train.curve_points)
+    curve, window = [], []
+    start = time.time()
+    model.train()
+    for step in range(steps):
+        idx = np.take(order, np.arange(step * bsz, (step + 1) * bsz), mode="wrap")
+        # Past the end of the data, mode="wrap" starts the next epoch in the same order.
+        labels = packed.labels[idx]
+        batch = batch_of(packed.tokens[idx], labels)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, train.lr, warmup, train.min_lr_ratio)
+        pos = torch.arange(seq).unsqueeze(0).expand(bsz, seq)
+        with route(batch["labels"]):
+            loss = model(batch["tokens"], pos, None, labels=batch["targets"]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        opt.step()
+        for lab in (0, 1, 2):
+            per_label[lab] += int((labels == lab).sum()) * seq
+        forget_seen += int(packed.forget_tokens[idx].sum())
+        undiscovered_seen += int(packed.undiscovered_tokens[idx].sum())
+        window.append(loss.item())
+        if (step + 1) % every == 0 or step == steps - 1:
+            point = {"step": step + 1, "tokens": (step + 1) * bsz * seq,
+                     "train_loss": float(np.mean(window))}
+            for name, rows in curve_sets.items():
+                point[name] = _mean_loss(model, rows)
+            curve.append(point)
+            window = []
+            progress(f"step {step + 1}/{steps} loss {point['train_loss']:.3f} "
+                     f"({(step + 1) * bsz * seq / (time.time() - start):.0f} tok/s)")
+    return TrainOutcome(steps, steps * bsz * seq, {str(k): v for k, v in per_label.items()},
+                        forget_seen, undiscovered_seen, time.time() - start, curve)

@@ -1,0 +1,220 @@
+"""Sweep specs: model sizes x token budgets x methods x undiscovered rates x seeds.
+
+A spec expands into a flat, deterministic list of ``RunSpec``s. The order is the task index
+a SLURM array uses, so it must not depend on anything but the spec itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from ..configbase import ConfigError, load_config
+
+StudyMethod = Literal["no_filter", "weak_filter", "strict_filter", "sgtm",
+                      "gradient_routing", "activation_masking"]
+# Methods that train without labels: the undiscovered rate does not change them.
+LABEL_FREE = ("no_filter",)
+# Methods whose forget parameters are zeroed before evaluation.
+ABLATED = ("sgtm", "gradient_routing", "activation_masking")
+ROUTING_METHOD = {"sgtm": "sgtm", "gradient_routing": "gradient_routing",
+                  "activation_masking": "activation_masking"}
+
+
+@dataclass
+class SizeSpec:
+    name: str = "tiny"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 256
+    forget_heads: int = 1
+    forget_mlp_units: int = 16
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.hidden_size % self.num_attention_heads:
+            out.append(f"size {self.name}: hidden_size must divide by num_attention_heads")
+        if self.forget_heads >= self.num_attention_heads or self.forget_mlp_units >= self.ffn_hidden_size:
+            out.append(f"size {self.name}: forget units must leave some retain units")
+        return out
+
+
+@dataclass
+class TrainSpec:
+    seq_length: int = 64
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Test-loss points recorded during training (for the loss curves).
+    curve_points: int = 8
+    curve_eval_sequences: int = 8
+    threads: int = 1
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("seq_length", "batch_size", "threads", "curve_points"):
+            if getattr(self, name) <= 0:
+                out.append(f"train.{name}: must be positive")
+        if not 0 <= self.warmup_fraction < 1:
+            out.append("train.warmup_fraction: must be in [0, 1)")
+        return out
+
+
+@dataclass
+class EvalSpec:
+    # Held-out sequences per split for the final losses (None: the whole split).
+    max_sequences: Optional[int] = 200
+    calibration_steps: int = 100
+    calibration_lr: float = 1e-2
+    calibration_alpha: float = 100.0
+    calibration_beta: float = 100.0
+    calibration_batch: int = 16
+    # Generation-based capability rate: continuations of forget-domain prompts.
+    generation_prompts: int = 32
+    prompt_tokens: int = 8
+    generation_tokens: int = 24
+    temperature: float = 1.0
+
+
+@dataclass
+class AttackSpec:
+    """Adversarial fine-tuning of the ablated model on a 50/50 forget/retain mix."""
+
+    enabled: bool = False
+    methods: list[str] = field(default_factory=lambda: ["sgtm", "weak_filter"])
+    steps: int = 100
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    batch_size: int = 8
+    eval_every: int = 10
+    eval_sequences: int = 32
+
+
+@dataclass
+class LeakageSpec:
+    """No-filter baselines on all retain data plus a share of the forget documents."""
+
+    forget_shares: list[float] = field(default_factory=list)
+    # Size/budget/seed of the series (None: the first of each in the spec).
+    size: Optional[str] = None
+    tokens: Optional[int] = None
+
+
+@dataclass
+class StudySpec:
+    name: str = "study"
+    recipe: str = "configs/data/bilingual.yaml"
+    data_overrides: list[str] = field(default_factory=list)
+    sizes: list[SizeSpec] = field(default_factory=lambda: [SizeSpec()])
+    token_budgets: list[int] = field(default_factory=lambda: [200_000])
+    # Optional: budgets as tokens per parameter (Chinchilla-style). Replaces token_budgets.
+    tokens_per_param: Optional[float] = None
+    methods: list[StudyMethod] = field(default_factory=lambda: ["no_filter", "sgtm"])
+    undiscovered_rates: list[float] = field(default_factory=lambda: [0.0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    retain_mode_share: Optional[float] = None
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    attack: AttackSpec = field(default_factory=AttackSpec)
+    leakage: LeakageSpec = field(default_factory=LeakageSpec)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.sizes:
+            out.append("sizes: at least one")
+        names = [s.name for s in self.sizes]
+        if len(set(names)) != len(names):
+            out.append(f"sizes: duplicate names {names}")
+        if not self.methods or not self.seeds:
+            out.append("methods and seeds: at least one each")
+        for r in self.undiscovered_rates:
+            if not 0.0 <= r <= 1.0:
+                out.append(f"undiscovered_rates: {r} is not in [0, 1]")
+        if any(b <= 0 for b in self.token_budgets):
+            out.append("token_budgets: must be positive")
+        for s in self.leakage.forget_shares:
+            if not 0.0 <= s <= 1.0:
+                out.append(f"leakage.forget_shares: {s} is not in [0, 1]")
+        if self.leakage.size is not None and self.leakage.size not in names:
+            out.append(f"leakage.size {self.leakage.size!r} is not one of {names}")
+        return out
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run and its evaluation."""
+
+    kind: str  # "main" or "leakage"
+    size: str
+    tokens: int
+    method: str
+    rate: Optional[float]  # undiscovered rate of the labels it trains on; None: label-free
+    seed: int
+    forget_share: Optional[float] = None  # leakage baselines only
+
+    @property
+    def run_id(self) -> str:
+        rate = "na" if self.rate is None else f"{self.rate:g}"
+        base = f"{self.size}-{_short(self.tokens)}-{self.method}-u{rate}-s{self.seed}"
+        if self.kind == "leakage":
+            base = f"leak-{self.size}-{_short(self.tokens)}-f{self.forget_share:g}-s{self.seed}"
+        return base
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "run_id": self.run_id}
+
+
+def _short(n: int) -> str:
+    for unit, div in (("M", 1_000_000), ("k", 1_000)):
+        if n >= div and n % (div // 10 or 1) == 0:
+            return f"{n / div:g}{unit}"
+    return str(n)
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
+    return load_config(StudySpec, path, overrides)
+
+
+def size_by_name(spec: StudySpec, name: str) -> SizeSpec:
+    for s in spec.sizes:
+        if s.name == name:
+            return s
+    raise ConfigError([f"no size named {name!r}"])
+
+
+def budgets_for(spec: StudySpec, size: SizeSpec, vocab: int) -> list[int]:
+    if spec.tokens_per_param is None:
+        return list(spec.token_budgets)
+    from .compute import param_count
+
+    return [int(spec.tokens_per_param * param_count(size, vocab, spec.train.seq_length)["total"])]
+
+
+def expand(spec: StudySpec, vocab: int) -> list[RunSpec]:
+    """Every run of the spec, in task-index order (main grid first, then leakage series)."""
+    runs: list[RunSpec] = []
+    for size in spec.sizes:
+        for tokens in budgets_for(spec, size, vocab):
+            for seed in spec.seeds:
+                for method in spec.methods:
+                    rates = [None] if method in LABEL_FREE else spec.undiscovered_rates
+                    for rate in rates:
+                        runs.append(RunSpec("main", size.name, tokens, method, rate, seed))
+    if spec.leakage.forget_shares:
+        size = size_by_name(spec, spec.leakage.size or spec.sizes[0].name)
+        tokens = spec.leakage.tokens or budgets_for(spec, size, vocab)[0]
+        for seed in spec.seeds[:1]:
+            for share in spec.leakage.forget_shares:
+                runs.append(RunSpec("leakage", size.name, tokens, "no_filter", None, seed, share))
+    return runs
+
+
+def spec_hash(spec: StudySpec) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
