@@ -14,6 +14,11 @@ import torch.distributed as dist
 
 from .routing import FORGET, RETAIN, TokenRouting
 
+# As megatron's own linear function: backward runs under the forward's CUDA autocast state, so
+# the wgrad/dgrad GEMMs use bf16 like the forward.
+_custom_fwd = torch.amp.custom_fwd(device_type="cuda")
+_custom_bwd = torch.amp.custom_bwd(device_type="cuda")
+
 
 _MAX_SLICE_RUNS = 16
 
@@ -63,6 +68,7 @@ class MaskedWgradLinear(torch.autograd.Function):
     """
 
     @staticmethod
+    @_custom_fwd
     def forward(ctx, x, weight, bias, kept, dropped, units, runs, on_rows, mask_bias,
                 allreduce_dgrad, tp_group):
         ctx.save_for_backward(x, weight, kept, dropped, units)
@@ -73,6 +79,7 @@ class MaskedWgradLinear(torch.autograd.Function):
         return out + bias if bias is not None else out
 
     @staticmethod
+    @_custom_bwd
     def backward(ctx, grad_out):
         x, weight, kept, dropped, units = ctx.saved_tensors
         grad_in = grad_out.matmul(weight)
