@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -38,9 +39,17 @@ def all_known_files() -> list[str]:
         [f for s in SPLITS for f in split_files(s)]
 
 
+def _indexed_dataset_module():
+    # megatron.core warns about missing fused training kernels on import; prep only does
+    # file I/O, so those warnings would be noise on every `sgtm prep`.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
 def _write_indexed(prefix: Path, flat: np.ndarray, lengths: np.ndarray, dtype: type) -> None:
-    import torch  # noqa: F401  (megatron's builder module imports torch anyway)
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    IndexedDatasetBuilder = _indexed_dataset_module().IndexedDatasetBuilder
 
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
     bounds = np.concatenate([[0], np.cumsum(lengths)])
@@ -66,16 +75,13 @@ def write_doc_arrays(directory: Path, split: str, truth: np.ndarray, scores: np.
 
 def doc_lengths(directory: Path, split: str) -> np.ndarray:
     """Entry lengths of a token shard, read from its .idx without loading tokens."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    ds = IndexedDataset(str(directory / f"{split}_tokens"), mmap=True)
+    ds = _indexed_dataset_module().IndexedDataset(str(directory / f"{split}_tokens"), mmap=True)
     return np.asarray(ds.sequence_lengths, dtype=np.int64).copy()
 
 
 def read_split(directory: Path, split: str) -> dict:
     """Open one split and check that the sidecars agree with the token file."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    IndexedDataset = _indexed_dataset_module().IndexedDataset
     directory = Path(directory)
     tokens = IndexedDataset(str(directory / f"{split}_tokens"), mmap=True)
     labels = IndexedDataset(str(directory / f"{split}_labels"), mmap=True)

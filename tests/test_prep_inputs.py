@@ -158,6 +158,9 @@ def test_different_corpus_refused_and_existing_untouched(tiny, tmp_path, capsys)
     (tmp_path / "r.jsonl").write_bytes(b'{"text": "\xff"}\n')
     assert main(["--recipe", str(tiny), "--out", str(out), "--force", "--no-progress"]) == 2
     assert "not valid UTF-8" in capsys.readouterr().err
+    # ... and an impossible relabel policy.
+    assert main(["--relabel", str(out), "--undiscovered-rate", "1.5"]) == 2
+    assert "noise.undiscovered_rate: must be in [0, 1]" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # --force replaces it, with no stale files left behind
     _write_jsonl(tmp_path / "r.jsonl", _docs("retain", 60, 9))
