@@ -99,7 +99,11 @@ def run(args: argparse.Namespace) -> int:
         res = run_sequential(spec, ctx, [runs[args.task_index]], _log)
         return 1 if res[0].error else 0
     if args.executor == "slurm" and not args.analyze:
-        submit_slurm(args.spec, out, len(runs), args.overrides, args.sbatch_arg, _log)
+        try:
+            submit_slurm(args.spec, out, len(runs), args.overrides, args.sbatch_arg, _log)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if not args.analyze:
         _log(f"study {spec.name}: {len(runs)} runs, {args.workers} worker(s), out {out}")

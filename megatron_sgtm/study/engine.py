@@ -61,11 +61,19 @@ def core_config(size, vocab: int, seq: int, routing_method: str):
         routing=RoutingConfig(method=routing_method))
 
 
-def batch_of(rows: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:
-    """Packed ``[b, seq+1]`` rows -> a batch the post tools and the model accept."""
+def device():
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def batch_of(rows: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:
+    """Packed ``[b, seq+1]`` rows -> a batch the post tools and the model accept.
+
+    Routing labels stay on the host: the routing context builds its index sets there."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(device())
     out = {"tokens": t[:, :-1].contiguous(), "targets": t[:, 1:].contiguous()}
     if labels is not None:
         lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
@@ -138,7 +146,7 @@ def train_run(model, packed, train, total_tokens: int, seed: int, curve_sets: di
         batch = batch_of(packed.tokens[idx], labels)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, train.lr, warmup, train.min_lr_ratio)
-        pos = torch.arange(seq).unsqueeze(0).expand(bsz, seq)
+        pos = torch.arange(seq, device=batch["tokens"].device).unsqueeze(0).expand(bsz, seq)
         with route(batch["labels"]):
             loss = model(batch["tokens"], pos, None, labels=batch["targets"]).mean()
         opt.zero_grad(set_to_none=True)

@@ -71,7 +71,8 @@ def _classifier(shard_dir: str):
     """The data-prep classifier family for the forget domain: texts -> scores in [0, 1]."""
     manifest = json.loads((Path(shard_dir) / "manifest.json").read_text())
     cfg = manifest["recipe"]["classifier"]
-    if cfg["kind"] in ("language", "oracle") and cfg.get("forget_language"):
+    topical = bool(manifest["recipe"].get("topics", {}).get("forget"))
+    if cfg["kind"] == "language" or (cfg["kind"] == "oracle" and not topical):
         from ..post.generation import language_classifier
 
         return language_classifier(tuple(cfg["languages"]), cfg["forget_language"], cfg["max_chars"])
@@ -108,7 +109,12 @@ def _load_model(spec: StudySpec, ctx: Context, run: RunSpec, path: Optional[Path
     core = core_config(size, ctx.vocab, spec.train.seq_length, ROUTING_METHOD.get(run.method, "none"))
     model = build_model(core)
     if path is not None:
-        model.load_state_dict(torch.load(path, weights_only=True), strict=False)
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        res = model.load_state_dict(state, strict=False)
+        # Only megatron's TE "_extra_state" buffers are left out of the saved file.
+        bad = [k for k in res.missing_keys if not k.endswith("_extra_state")] + list(res.unexpected_keys)
+        if bad:
+            raise RuntimeError(f"{path}: does not match the run's model (keys {bad[:4]})")
     return model
 
 
@@ -169,7 +175,10 @@ def _generation_rate(spec: StudySpec, ctx: Context, model, bias, shard: str) -> 
     from ..post.generation import SamplingConfig, capability_rate, generate
 
     ev = spec.eval
-    prompts = torch.from_numpy(sdata.prompts(Path(shard), ev.generation_prompts, ev.prompt_tokens))
+    from .engine import device
+
+    prompts = torch.from_numpy(sdata.prompts(Path(shard), ev.generation_prompts,
+                                             ev.prompt_tokens)).to(device())
     head = model.output_layer
     saved = None
     if bias is not None:
@@ -246,8 +255,7 @@ def eval_stage(spec: StudySpec, ctx: Context, run: RunSpec, trained: dict, log: 
         gen = _generation_rate(spec, ctx, model, bias, shard)
         row["generation_rate"] = gen["rate"]
         write_json(rdir / "generation.json", gen)
-    if spec.attack.enabled and run.kind == "main" and (
-            run.method in spec.attack.methods or run.method == "no_filter"):
+    if spec.attack.enabled and run.kind == "main" and run.method in spec.attack.methods:
         with torch.enable_grad():
             write_json(rdir / "attack.json", _attack(spec, model, shard, evals, log))
         row["attack"] = True

@@ -33,6 +33,8 @@ class SizeSpec:
     ffn_hidden_size: int = 256
     forget_heads: int = 1
     forget_mlp_units: int = 16
+    # This size's token budgets (None: the spec's token_budgets / tokens_per_param).
+    tokens: Optional[list[int]] = None
 
     def problems(self) -> list[str]:
         out = []
@@ -190,6 +192,8 @@ def size_by_name(spec: StudySpec, name: str) -> SizeSpec:
 
 
 def budgets_for(spec: StudySpec, size: SizeSpec, vocab: int) -> list[int]:
+    if size.tokens:
+        return list(size.tokens)
     if spec.tokens_per_param is None:
         return list(spec.token_budgets)
     from .compute import param_count
