@@ -72,6 +72,8 @@ def adversarial_finetune(model, forget_train: Iterator, retain_train: Iterator, 
                          target_loss: Optional[float], cfg: AttackConfig = AttackConfig(),
                          log=None) -> AttackResult:
     """Fine-tune every parameter in place. ``eval_forget`` must be re-iterable."""
+    if cfg.problems():
+        raise ValueError("; ".join(cfg.problems()))
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)

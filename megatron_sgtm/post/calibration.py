@@ -54,6 +54,8 @@ def calibrate_output_bias(model, forget: Iterable, retain: Iterable,
                           adjacent: Optional[Iterable] = None,
                           cfg: CalibrationConfig = CalibrationConfig()) -> torch.Tensor:
     """Train and return the calibrated bias (vocab shard ``[vocab/tp]``, no grad)."""
+    if cfg.problems():
+        raise ValueError("; ".join(cfg.problems()))
     with frozen(model):
         splits = [(1.0, _cached_logits(model, forget)), (cfg.alpha, _cached_logits(model, retain))]
         if adjacent is not None:

@@ -46,18 +46,20 @@ def _next_token(last: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -
 
 
 @torch.no_grad()
-def generate(model, prompts: torch.Tensor, cfg: SamplingConfig,
-             eod_id: Optional[int] = None) -> list[list[int]]:
+def generate(model, prompts: torch.Tensor, cfg: SamplingConfig, eod_id: Optional[int] = None,
+             logit_bias: Optional[torch.Tensor] = None) -> list[list[int]]:
     """Continue each prompt row ``[b, p]``; returns the new tokens per row (cut at EOD).
 
     No KV cache: each step re-runs the (small) model on the last ``seq_length`` tokens, which
-    also keeps learned positions within range."""
+    also keeps learned positions within range. ``logit_bias``: a calibrated bias (vocab shard)."""
     window = model.core.model.seq_length
     gen = torch.Generator().manual_seed(cfg.seed)
     seq = prompts
     with frozen(model):
         for _ in range(cfg.max_new_tokens):
             vp = logits(model, seq[:, -window:])
+            if logit_bias is not None:
+                vp = vp + logit_bias
             nxt = _next_token(full_logits(vp)[:, -1], cfg, gen)
             seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
     out = []

@@ -75,6 +75,8 @@ def _activations(model, tokens, layer: int, params=None) -> torch.Tensor:
 def rmu_unlearn(model, forget_train: Iterator, retain_train: Iterator,
                 cfg: RMUConfig = RMUConfig(), log=None) -> list[dict]:
     """Update the model in place; returns the loss history."""
+    if cfg.problems():
+        raise ValueError("; ".join(cfg.problems()))
     names = updated_param_names(model, cfg.layer)
     named = dict(model.named_parameters())
     for name, p in named.items():
@@ -99,8 +101,8 @@ def rmu_unlearn(model, forget_train: Iterator, retain_train: Iterator,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append({"step": step + 1, "forget_mse": float(forget_loss),
-                        "retain_mse": float(retain_loss)})
+        history.append({"step": step + 1, "forget_mse": forget_loss.item(),
+                        "retain_mse": retain_loss.item()})
         if log and (step + 1) % 25 == 0:
             log(f"rmu step {step + 1}: forget mse {float(forget_loss):.4f}, "
                 f"retain mse {float(retain_loss):.6f}")
