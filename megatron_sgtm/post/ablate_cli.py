@@ -1,0 +1,101 @@
+"""``sgtm ablate CKPT --out DIR``: zero theta_forget; ``--prune`` writes a smaller dense model;
+``--export hf`` writes a Hugging Face transformers model (+ tokenizer.model)."""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from . import ckpt_io
+from .ckpt_io import PostError
+from .cli_common import add_common, atomic_dir, is_rank0, run, say, start
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sgtm ablate", description=__doc__)
+    add_common(p)
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
+    p.add_argument("--prune", action="store_true", help="remove forget units (smaller model)")
+    p.add_argument("--export", choices=["hf"], default=None,
+                   help="write a Hugging Face model instead of a checkpoint")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer.model (or a shard directory) to ship with --export hf")
+    return p
+
+
+def _tokenizer(args, meta) -> Path | None:
+    if args.tokenizer is not None:
+        path = args.tokenizer / "tokenizer.model" if args.tokenizer.is_dir() else args.tokenizer
+        if not path.exists():
+            raise PostError(f"tokenizer {path}: does not exist")
+        return path
+    for value in _strings(meta.get("config")):
+        candidate = Path(value) / "tokenizer.model"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _strings(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            yield from _strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def _main(args) -> int:
+    import torch.distributed as dist
+
+    from ..model import build_model
+    from .ablate import max_abs_forget, prune_full_params, zero_forget_
+    from .export_hf import export_hf
+    from .layout import gather_full_params, load_full_params
+
+    tp = start(args.tp)
+    if args.out.exists():
+        raise PostError(f"output {args.out}: already exists; choose another directory")
+    model, core, meta = ckpt_io.load(args.checkpoint, tp)
+    zeroed = zero_forget_(model)
+    if max_abs_forget(model) != 0.0:
+        raise PostError("internal: theta_forget is not zero after ablation")
+    say(f"ablate: zeroed {zeroed} theta_forget entries on rank 0 "
+        f"(variant {core.routing.variant})")
+    out_core, out_model = core, model
+    if args.prune:
+        full = gather_full_params(model)
+        out_core, pruned = prune_full_params(full, core)
+        out_core.tensor_parallel = tp
+        problems = out_core.problems()
+        if problems:
+            raise PostError("pruned model does not fit tensor_parallel="
+                            f"{tp}: {'; '.join(problems)}; run with --tp 1")
+        out_model = build_model(out_core)
+        load_full_params(out_model, pruned)
+        say(f"ablate: pruned to {out_core.model.num_attention_heads} heads, "
+            f"ffn {out_core.model.ffn_hidden_size}, kv_channels {out_core.model.kv_channels}")
+    if args.export == "hf":
+        full = gather_full_params(out_model)
+        if is_rank0():
+            tmp = atomic_dir(args.out)
+            try:
+                export_hf(full, out_core, tmp, _tokenizer(args, meta))
+                tmp.rename(args.out)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+        if dist.is_initialized():
+            dist.barrier()
+        say(f"ablate: Hugging Face model written to {args.out}")
+        return 0
+    ckpt_io.save(args.out, out_model, out_core, meta,
+                 {"ablated": True, "pruned": bool(args.prune), "source": str(args.checkpoint)})
+    say(f"ablate: checkpoint written to {args.out}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run(_main, parser(), argv)

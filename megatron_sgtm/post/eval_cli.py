@@ -1,0 +1,109 @@
+"""``sgtm eval CKPT --data DIR``: loss and accuracy per held-out split, plain and with logit
+calibration, per-token loss distribution on the forget split, and (``--generate N``) the
+share of continuations of forget-domain prefixes classified as forget-domain."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import ckpt_io, shards
+from .cli_common import add_common, add_data, is_rank0, run, say, start
+
+ROUTED = ("sgtm", "gradient_routing", "activation_masking")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sgtm eval", description=__doc__)
+    add_common(p)
+    add_data(p)
+    p.add_argument("--ablate", choices=["auto", "yes", "no"], default="auto",
+                   help="zero theta_forget first (auto: for routed methods)")
+    p.add_argument("--calibration-steps", type=int, default=300, help="0 disables calibration")
+    p.add_argument("--calibration-lr", type=float, default=1e-2)
+    p.add_argument("--alpha", type=float, default=100.0)
+    p.add_argument("--beta", type=float, default=100.0)
+    p.add_argument("--calibration-sequences", type=int, default=64,
+                   help="training sequences per domain for calibration")
+    p.add_argument("--generate", type=int, default=0, help="forget-domain prompts to continue")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    return p
+
+
+def calibration_sets(data: Path, seq: int, args, device) -> dict:
+    """Training documents by true domain (never the held-out sets)."""
+    out = {}
+    for name, truth in (("forget", 1), ("retain", 0), ("adjacent", 2)):
+        try:
+            seqs = shards.sequences(data, "train", seq, args.calibration_sequences, truth=truth)
+        except shards.ShardError:
+            if name == "adjacent":
+                continue
+            raise
+        out[name] = shards.to_batches(seqs, args.batch, device)
+    return out
+
+
+def _main(args) -> int:
+    from .ablate import zero_forget_
+    from .calibration import CalibrationConfig, calibrate_output_bias
+    from .common import model_device
+    from .evaluate import evaluate, format_table, write_jsonl
+
+    tp = start(args.tp)
+    manifest = shards.read_manifest(args.data)
+    model, core, meta = ckpt_io.load(args.checkpoint, tp)
+    ckpt_io.check_tokenizer(meta, manifest, args.checkpoint, args.data)
+    seq = args.seq or core.model.seq_length
+    device = model_device(model)
+    ablate = args.ablate == "yes" or (args.ablate == "auto" and core.routing.method in ROUTED)
+    if ablate:
+        zero_forget_(model)
+    tests = shards.eval_sets(args.data, seq, args.batch, args.max_sequences, device)
+    bias = None
+    if args.calibration_steps > 0:
+        sets = calibration_sets(args.data, seq, args, device)
+        bias = calibrate_output_bias(model, sets["forget"], sets["retain"], sets.get("adjacent"),
+                                     CalibrationConfig(steps=args.calibration_steps,
+                                                       lr=args.calibration_lr, alpha=args.alpha,
+                                                       beta=args.beta))
+    results = evaluate(model, tests, bias)
+    tag = {"checkpoint": str(args.checkpoint), "ablated": ablate, "method": core.routing.method}
+    rows = [dict(tag, **r.row()) for r in results]
+    say(format_table(results))
+    if args.generate > 0:
+        rows.append(dict(tag, generation=_generation(args, model, manifest, bias, seq, device)))
+        say(f"generation: {rows[-1]['generation']['rate']:.3f} of continuations classified "
+            "as forget-domain")
+    if args.out and is_rank0():
+        write_jsonl(args.out, rows)
+    return 0
+
+
+def _generation(args, model, manifest: dict, bias, seq: int, device) -> dict:
+    import sentencepiece as spm
+
+    from .generation import SamplingConfig, capability_rate, generate, language_classifier
+
+    cfg = (manifest.get("recipe") or {}).get("classifier") or {}
+    if cfg.get("kind", "language") not in ("language", "oracle") or "languages" not in cfg:
+        raise ckpt_io.PostError("--generate supports language recipes here; for topics pass a "
+                                "classifier callable to megatron_sgtm.post.generation")
+    prompts = shards.sequences(args.data, "test_forget", args.prompt_tokens - 1,
+                               args.generate)[:, : args.prompt_tokens].to(device)
+    rows = generate(model, prompts, SamplingConfig(args.max_new_tokens, args.temperature,
+                                                   args.top_k), manifest["tokenizer"].get("eod_id"),
+                    logit_bias=bias)
+    sp = spm.SentencePieceProcessor(model_file=str(args.data / "tokenizer.model"))
+    texts = [sp.decode(r) for r in rows]
+    out = capability_rate(texts, language_classifier(tuple(cfg["languages"]),
+                                                     cfg["forget_language"]))
+    out["examples"] = texts[:3]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    return run(_main, parser(), argv)
