@@ -44,6 +44,8 @@ def _documents(data: Path, split: str):
     prefix = Path(data) / f"{split}_tokens"
     if not prefix.with_suffix(".idx").exists():
         raise ShardError(f"{data}: split {split!r} is missing ({prefix}.idx)")
+    if prefix.with_suffix(".bin").stat().st_size == 0:
+        return [], [], np.zeros(0, np.uint8)  # megatron cannot mmap an empty file
     tokens = IndexedDataset(str(prefix))
     labels = IndexedDataset(str(Path(data) / f"{split}_labels"))
     truth_path = Path(data) / f"{split}_truth.npy"
