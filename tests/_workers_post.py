@@ -108,6 +108,7 @@ def world_tp1(rank, world):
     out["prune"], out["hf"] = prune, hf
     out["calibration"] = calibration_check(1)
     out["generation"] = generation_check(1, out["ablation"][("mha_gelu", "default")]["full"])
+    out["tools"] = train_tools()
     return out
 
 
@@ -128,11 +129,13 @@ def calibration_check(tp):
     forget, retain = make_batches("gqa_swiglu", 2, 1), make_batches("gqa_swiglu", 2, 2)
     cfg = calibration.CalibrationConfig(steps=30)
     bias = calibration.calibrate_output_bias(model, forget, retain, cfg=cfg)
+    uncached = calibration.calibrate_output_bias(
+        model, forget, retain, cfg=calibration.CalibrationConfig(steps=30, cache_elements=0))
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     grads = [n for n, p in model.named_parameters() if p.grad is not None]
     objective = lambda b: (evaluate.evaluate_split(model, "f", forget, b).loss  # noqa: E731
                            + cfg.alpha * evaluate.evaluate_split(model, "r", retain, b).loss)
-    return dict(changed=changed, grads=grads, bias_norm=float(bias.norm()),
+    return dict(changed=changed, grads=grads, uncached_diff=float((uncached - bias).abs().max()), bias_norm=float(bias.norm()),
                 bias_shape=tuple(bias.shape), objective_before=objective(None),
                 objective_after=objective(bias))
 
@@ -149,12 +152,10 @@ def generation_check(tp, full):
     return dict(greedy=greedy, sampled=sampled)
 
 
-def world_train_tools(rank, world):
+def train_tools():
     """Attack and RMU on a tiny model (TP=1)."""
-    from megatron_sgtm.parallel import init_parallel
     from megatron_sgtm.post import attack, rmu
 
-    init_parallel(1, seed=0)
     model, _ = build("gqa_swiglu", 1)
     # A learnable target: one fixed batch, repeated, so a few steps drop its loss.
     forget = make_batches("gqa_swiglu", 1, 11)

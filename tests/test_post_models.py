@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _workers_post import FAMILIES, world_tp1, world_tp2, world_train_tools
+from _workers_post import FAMILIES, world_tp1, world_tp2
 from distributed import run_distributed
 
 CASES = [(f, v) for f in FAMILIES for v in ("default", "joint_projection", "joint_attention")]
@@ -89,6 +89,7 @@ def test_calibration_changes_only_the_output_bias(tp1, tp2):
         assert cal["changed"] == [], f"{what}: model parameters changed: {cal['changed']}"
         assert cal["grads"] == [], f"{what}: model parameters got gradients"
         assert cal["bias_norm"] > 0
+        assert cal["uncached_diff"] < 1e-5, f"{what}: recomputed logits give another bias"
         assert cal["objective_after"] < cal["objective_before"]
     assert tp1["calibration"]["bias_shape"] == (96,)
     assert tp2[0]["calibration"]["bias_shape"] == (48,)  # this rank's vocabulary shard
@@ -105,8 +106,8 @@ def test_generation_is_seeded_and_tp_invariant(tp1, tp2):
 
 
 @pytest.fixture(scope="module")
-def tools():
-    return run_distributed(world_train_tools, 1)[0]
+def tools(tp1):
+    return tp1["tools"]
 
 
 def test_attack_reaches_target_and_reports_tokens(tools):
