@@ -105,6 +105,10 @@ def world_tp1(rank, world):
             hf_model = export_hf.to_hf(res["ablated_full"], core)
             hf[(family, variant)] = dict(logits=hf_model(tokens).logits,
                                          arch=type(hf_model).__name__)
+            try:  # exact, or refused in one message when HF cannot hold the pruned heads
+                hf[(family, variant)]["pruned_logits"] = export_hf.to_hf(pruned, new_core)(tokens).logits
+            except export_hf.ExportError as exc:
+                hf[(family, variant)]["pruned_error"] = str(exc)
     out["prune"], out["hf"] = prune, hf
     out["calibration"] = calibration_check(1)
     out["generation"] = generation_check(1, out["ablation"][("mha_gelu", "default")]["full"])

@@ -98,6 +98,11 @@ def to_llama(full: dict, core: CoreConfig):
     m = core.model
     _check(core, full, {"activation": "swiglu", "position_embedding": "rope",
                         "normalization": "RMSNorm"}, "Llama")
+    if m.hidden_size % m.num_attention_heads:
+        # transformers validates this even though Llama takes head_dim explicitly.
+        raise ExportError(f"cannot export as Llama: transformers needs hidden_size "
+                          f"{m.hidden_size} divisible by the {m.num_attention_heads} heads "
+                          "(head_dim mismatch; export the zeroed, not the pruned, model)")
     hpg = m.num_attention_heads // m.query_groups
     cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size,
                       intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
