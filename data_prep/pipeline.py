@@ -23,19 +23,21 @@ SEED_FILE = "train_classifier_seed.npy"
 _worker: dict = {}
 
 
-def _init_worker(model_bytes: bytes, eod: int, lang_cfg: Optional[ClassifierConfig]) -> None:
-    import sentencepiece as spm
-
-    _worker["sp"] = spm.SentencePieceProcessor(model_proto=model_bytes)
-    _worker["eod"] = eod
+def _init_worker(lang_cfg: Optional[ClassifierConfig]) -> None:
     _worker["lang"] = classifiers.LanguageScorer(lang_cfg) if lang_cfg else None
+    _worker["sp_key"] = None
 
 
-def _process(texts: list[str]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def _process(task: tuple[str, bytes, int, list[str]]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Tokenize a chunk (batch encode) and, for the language classifier, score it too:
     both are CPU-bound, so they share the same worker pass over the text."""
+    key, model_bytes, eod, texts = task
+    if _worker["sp_key"] != key:
+        import sentencepiece as spm
+
+        _worker["sp"] = spm.SentencePieceProcessor(model_proto=model_bytes)
+        _worker["sp_key"] = key
     ids = _worker["sp"].encode(texts)
-    eod = _worker["eod"]
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(x + [eod] for x in ids),
                        dtype=np.int32, count=int(lengths.sum()))
@@ -43,36 +45,52 @@ def _process(texts: list[str]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndar
     return flat, lengths, scores
 
 
-def _encode_all(texts: list[str], tok: TokenizerInfo, lang_cfg: Optional[ClassifierConfig],
-                workers: int, progress: bool):
-    from tqdm import tqdm
+class Encoder:
+    """The worker pool for tokenization + language scoring.
 
-    chunks = [texts[i:i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
-    init = (tok.model_bytes, tok.eod_id, lang_cfg)
-    bar = tqdm(total=sum(len(t.encode("utf-8")) for t in texts), unit="B", unit_scale=True,
-               desc="tokenize+classify", disable=not progress, file=sys.stderr)
-    results = []
-    if workers <= 1:
-        _init_worker(*init)
-        it = map(_process, chunks)
-        pool = None
-    else:
-        # fork: workers inherit the loaded modules; nothing CUDA is ever initialised here.
-        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init)
-        it = pool.imap(_process, chunks)  # ordered, so output is independent of timing
-    try:
-        for chunk, res in zip(chunks, it):
-            results.append(res)
-            bar.update(sum(len(t.encode("utf-8")) for t in chunk))
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-    flat = np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int32)
-    lengths = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.int64)
-    scores = np.concatenate([r[2] for r in results]) if lang_cfg and results else None
-    return flat, lengths, scores
+    Started before the corpus is read and the tokenizer trained, so that loading the
+    language model in the workers overlaps with that work; the tokenizer travels with
+    each chunk and is cached per worker (it is only known after training).
+    """
+
+    def __init__(self, lang_cfg: Optional[ClassifierConfig], workers: int, progress: bool):
+        self.lang_cfg, self.workers, self.progress = lang_cfg, workers, progress
+        self.pool = None
+        if workers > 1:
+            # fork: workers inherit the loaded modules; nothing CUDA is ever initialised here.
+            self.pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(lang_cfg,))
+
+    def __enter__(self) -> "Encoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def encode(self, texts: list[str], tok: TokenizerInfo):
+        from tqdm import tqdm
+
+        chunks = [texts[i:i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
+        tasks = ((tok.sha256, tok.model_bytes, tok.eod_id, c) for c in chunks)
+        bar = tqdm(total=sum(len(t.encode("utf-8")) for t in texts), unit="B", unit_scale=True,
+                   desc="tokenize+classify", disable=not self.progress, file=sys.stderr)
+        if self.pool is None:
+            _init_worker(self.lang_cfg)
+            it = map(_process, tasks)
+        else:
+            it = self.pool.imap(_process, tasks)  # ordered, so output is independent of timing
+        results = []
+        with bar:
+            for chunk, res in zip(chunks, it):
+                results.append(res)
+                bar.update(sum(len(t.encode("utf-8")) for t in chunk))
+        if not results:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64), None
+        flat = np.concatenate([r[0] for r in results])
+        lengths = np.concatenate([r[1] for r in results])
+        scores = np.concatenate([r[2] for r in results]) if self.lang_cfg else None
+        return flat, lengths, scores
 
 
 def _classify(recipe: Recipe, splits: dict[str, Split], lang_scores: Optional[np.ndarray]):
@@ -98,20 +116,20 @@ def prepare(recipe: Recipe, out: str | Path, force: bool = False, workers: int =
             progress: bool = True, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     """Build the shard directory ``out`` from ``recipe``; returns the manifest."""
     out = Path(out)
-    corpus = load_corpus(recipe)
-    given_tok = load_tokenizer(recipe.tokenizer.model) if recipe.tokenizer.model else None
-    fingerprint = recipe.corpus_fingerprint({
-        "sources": [s.to_dict() for s in corpus.sources],
-        "tokenizer_sha256": given_tok.sha256 if given_tok else None})
-    existing = check_output_dir(out, fingerprint, force)
-    splits = split_corpus(corpus, recipe)
-    log(f"prep: {len(corpus.texts)} documents; " +
-        ", ".join(f"{n} {len(s.texts)}" for n, s in splits.items()))
-
-    tok = given_tok or train_tokenizer(splits["train"].texts, recipe.tokenizer)
-    all_texts = [t for s in splits.values() for t in s.texts]
     lang_cfg = recipe.classifier if recipe.classifier.kind == "language" else None
-    flat, lengths, lang_scores = _encode_all(all_texts, tok, lang_cfg, workers, progress)
+    with Encoder(lang_cfg, workers, progress) as encoder:
+        corpus = load_corpus(recipe)
+        given_tok = load_tokenizer(recipe.tokenizer.model) if recipe.tokenizer.model else None
+        fingerprint = recipe.corpus_fingerprint({
+            "sources": [s.to_dict() for s in corpus.sources],
+            "tokenizer_sha256": given_tok.sha256 if given_tok else None})
+        existing = check_output_dir(out, fingerprint, force)
+        splits = split_corpus(corpus, recipe)
+        log(f"prep: {len(corpus.texts)} documents; " +
+            ", ".join(f"{n} {len(s.texts)}" for n, s in splits.items()))
+        tok = given_tok or train_tokenizer(splits["train"].texts, recipe.tokenizer)
+        all_texts = [t for s in splits.values() for t in s.texts]
+        flat, lengths, lang_scores = encoder.encode(all_texts, tok)
     scores, seed = _classify(recipe, splits, lang_scores)
 
     train = splits["train"]
