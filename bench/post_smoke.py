@@ -11,7 +11,9 @@ Trains two tiny models on the same shards (English retain, Spanish forget; ``sgt
 The loop here is deliberately minimal (torch AdamW over ``route(labels)``, label-homogeneous
 sequences packed per applied label); the real training loop lives in megatron_sgtm.train.
 
-    python bench/post_smoke.py --data DIR [--steps 400] [--out results.jsonl]
+    OMP_NUM_THREADS=1 python bench/post_smoke.py --data DIR [--steps 400] [--out results.jsonl]
+
+(One intra-op thread: on a shared 2-core machine more threads oversubscribe and run slower.)
 """
 from __future__ import annotations
 
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--attack-steps", type=int, default=300)
+    ap.add_argument("--rmu-alpha", type=float, default=100.0)
+    ap.add_argument("--rmu-lr", type=float, default=1e-3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29555"),
@@ -176,7 +180,9 @@ def main(argv=None) -> int:
     log(f"  steps to target: {res.steps_to_target}, forget tokens: {res.forget_tokens_to_target}, "
         f"curve: {[(c['step'], round(c['forget_loss'], 3)) for c in res.curve]}")
 
-    rcfg = rmu.RMUConfig(layer=2, steering_coeff=20.0, alpha=100.0, lr=1e-3, steps=250, batch_size=4)
+    rcfg = rmu.RMUConfig(layer=2, steering_coeff=20.0, alpha=args.rmu_alpha, lr=args.rmu_lr,
+                         steps=250, batch_size=4)
+    log(f"RMU on no-filter: {rcfg}")
     rmu.rmu_unlearn(nofilter, sampler(f_seqs, torch.full((len(f_seqs),), 2), 4, 7),
                     sampler(r_seqs, torch.ones(len(r_seqs), dtype=torch.long), 4, 8), rcfg, log)
     report("no-filter + RMU", nofilter)
