@@ -1,0 +1,223 @@
+"""The training run's typed config: the core (model/partition/routing/TP) plus data, optimizer,
+checkpoint, logging and engine sections.
+
+The YAML stays flat at the top: ``model``, ``partition``, ``routing``, ``tensor_parallel`` are
+exactly ``CoreConfig``'s keys, so a checkpoint's stored config is readable by every command that
+only needs the core. A ``base`` key (a path or list of paths, relative to the file) merges model
+files such as ``configs/models/64m.yaml`` underneath.
+
+``routing.method`` follows ``data.method`` (filters, SLUNG and conditional training route
+nothing); leaving it out derives it, giving a different one is an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from ..config import CoreConfig, ModelConfig, PartitionConfig, RoutingConfig
+from ..configbase import ConfigError, config_from_dict, deep_merge, parse_overrides
+
+DataMethod = Literal["none", "sgtm", "gradient_routing", "activation_masking", "weak_filter",
+                     "strict_filter", "slung", "conditional"]
+
+# data.method -> the routing method the model must be built with.
+ROUTING_OF = {
+    "none": "none", "sgtm": "sgtm", "gradient_routing": "gradient_routing",
+    "activation_masking": "activation_masking", "weak_filter": "none", "strict_filter": "none",
+    "slung": "none", "conditional": "none",
+}
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""
+    split: str = "train"
+    method: DataMethod = "sgtm"
+    # Held-out splits evaluated every train.eval_every steps (missing optional splits skipped).
+    eval_splits: list[str] = field(default_factory=lambda: ["test_retain", "test_forget",
+                                                            "test_adjacent"])
+    eval_batches: int = 4
+    # SLUNG: drop flagged tokens' loss ("mask") or push them down ("unlikelihood").
+    slung_mode: Literal["mask", "unlikelihood"] = "mask"
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.dir:
+            out.append("dir: required (a `sgtm prep` output directory)")
+        if self.eval_batches < 0:
+            out.append(f"eval_batches: must be >= 0, got {self.eval_batches}")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    steps: int = 100
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 0  # 0: evaluate only at the end
+    log_every: int = 10
+    # Intra-op threads per process on CPU; fixed so CPU runs are reproducible bit for bit.
+    threads: int = 1
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("micro_batch_size", "global_batch_size", "steps", "log_every", "threads"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.global_batch_size > 0 and self.micro_batch_size > 0 and \
+                self.global_batch_size % self.micro_batch_size:
+            out.append(f"global_batch_size {self.global_batch_size} is not a multiple of "
+                       f"micro_batch_size {self.micro_batch_size}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            out.append(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0:
+            out.append("warmup_steps, eval_every and grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            out.append(f"betas: need two values in [0, 1), got {self.betas}")
+        return out
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: no checkpoints
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: Literal["auto", "never", "require"] = "auto"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.save_every < 0:
+            out.append(f"save_every: must be >= 0, got {self.save_every}")
+        if self.keep_last <= 0:
+            out.append(f"keep_last: must be positive, got {self.keep_last}")
+        if self.resume == "require" and not self.dir:
+            out.append("resume 'require' needs checkpoint.dir")
+        return out
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = ""  # empty: checkpoint.dir, else no metrics file
+    wandb: Literal["off", "offline", "online"] = "offline"
+    project: str = "megatron-sgtm"
+    run_name: str = ""
+    progress_bar: bool = True
+
+
+@dataclass
+class EngineConfig:
+    name: Literal["megatron", "deepspeed"] = "megatron"
+    zero_stage: int = 1
+    distributed_optimizer: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.zero_stage not in (1, 2):
+            out.append(f"zero_stage: must be 1 or 2, got {self.zero_stage}")
+        return out
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    tensor_parallel: int = 1
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def core(self) -> CoreConfig:
+        return CoreConfig(model=self.model, partition=self.partition, routing=self.routing,
+                          tensor_parallel=self.tensor_parallel)
+
+    @property
+    def run_dir(self) -> str:
+        return self.logging.run_dir or self.checkpoint.dir
+
+    def problems(self) -> list[str]:
+        out = list(self.core.problems())
+        expected = ROUTING_OF[self.data.method]
+        if self.routing.method != expected:
+            out.append(f"routing.method {self.routing.method!r} disagrees with data.method "
+                       f"{self.data.method!r} (which trains with routing {expected!r}); "
+                       "leave routing.method out to derive it")
+        if self.tensor_parallel > 0 and self.model.vocab_size % self.tensor_parallel:
+            out.append(f"model.vocab_size {self.model.vocab_size} is not divisible by "
+                       f"tensor_parallel {self.tensor_parallel} (pad the vocabulary)")
+        if self.engine.name == "deepspeed" and self.engine.distributed_optimizer:
+            out.append("engine.distributed_optimizer applies to the megatron engine; "
+                       "DeepSpeed shards with zero_stage")
+        return out
+
+    def batch_plan(self, world_size: int) -> tuple[int, int]:
+        """(data-parallel size, gradient-accumulation steps) for ``world_size`` processes."""
+        if world_size % self.tensor_parallel:
+            raise ConfigError([f"{world_size} processes are not divisible by tensor_parallel "
+                               f"{self.tensor_parallel}"])
+        dp = world_size // self.tensor_parallel
+        per_step = self.train.micro_batch_size * dp
+        if self.train.global_batch_size % per_step:
+            raise ConfigError([f"train.global_batch_size {self.train.global_batch_size} is not a "
+                               f"multiple of micro_batch_size x data-parallel size = {per_step} "
+                               f"({world_size} processes at tensor_parallel "
+                               f"{self.tensor_parallel})"])
+        return dp, self.train.global_batch_size // per_step
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping"])
+    return data
+
+
+def _with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError([f"{path}: 'base' includes form a cycle"])
+    data = _read_yaml(path)
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, _with_bases(path.parent / str(base), seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def experiment_dict(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    data = _with_bases(Path(path)) if path is not None else {}
+    data = deep_merge(data, parse_overrides(overrides or []))
+    method = (data.get("data") or {}).get("method", DataConfig.method) \
+        if isinstance(data.get("data", {}), dict) else DataConfig.method
+    routing = data.setdefault("routing", {})
+    if isinstance(routing, dict) and "method" not in routing and method in ROUTING_OF:
+        routing["method"] = ROUTING_OF[method]
+    return data
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """YAML (with its bases) + ``key=value`` overrides -> a validated ``ExperimentConfig``."""
+    return config_from_dict(ExperimentConfig, experiment_dict(path, overrides))
+
+
+__all__ = ["ConfigError", "ExperimentConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
+           "LoggingConfig", "EngineConfig", "ROUTING_OF", "load_experiment", "experiment_dict"]

@@ -1,0 +1,138 @@
+"""Gradient norms that respect tensor parallelism, and the forget/retain/joint split of them.
+
+A TP-sharded parameter (``param.tensor_model_parallel``) holds a different slice on every TP
+rank, so its squared norm is summed over the TP group. A replicated one (norms, row-layer
+biases, position embeddings) holds the same values on every TP rank and is counted on TP rank
+0 only. After the data-parallel all-reduce every DP rank holds the same gradients, so nothing
+is reduced over DP.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+from ..routing import ablated_roles
+
+FORGET, RETAIN, JOINT = 0, 1, 2
+CATEGORY_NAMES = ("forget", "retain", "joint")
+
+_LINEAR = re.compile(r"decoder\.layers\.(\d+)\.(?:self_attention\.linear_(qkv|proj)|"
+                     r"mlp\.linear_(fc1|fc2))\.(weight|bias)$")
+_BLOCK_NORM = re.compile(r"decoder\.layers\.\d+\.(input_layernorm|pre_mlp_layernorm)\.")
+
+
+def grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The gradient the optimizer will use (megatron DDP keeps it in ``main_grad``)."""
+    main = getattr(param, "main_grad", None)
+    return main if main is not None else param.grad
+
+
+def counted_params(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Parameters whose gradient counts on this rank (TP duplicates only on TP rank 0)."""
+    return [p for p in params if param_is_not_tensor_parallel_duplicate(p)]
+
+
+def _tp_sum(value: torch.Tensor) -> torch.Tensor:
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(value, group=parallel_state.get_tensor_model_parallel_group())
+    return value
+
+
+def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm over the whole model, as a 0-d tensor (no host sync)."""
+    grads = [g for g in (grad_of(p) for p in counted_params(params)) if g is not None]
+    if grads:
+        norms = torch._foreach_norm([g.float() for g in grads], 2.0)
+        sq = torch.stack(norms).square().sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    return _tp_sum(sq).sqrt()
+
+
+def clip_grads(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale every gradient so the TP-global norm is at most ``max_norm``; return the norm.
+
+    The scale stays a tensor (clamped coefficient), so no host sync happens here."""
+    norm = total_grad_norm(params)
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        grads = [g for g in (grad_of(p) for p in params) if g is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef)
+    return norm
+
+
+@dataclass
+class _Entry:
+    param: torch.nn.Parameter
+    category: int  # category of the whole tensor, or of its non-forget part
+    forget_dim: int = 0
+    forget_index: Optional[torch.Tensor] = None
+
+
+class PartitionNorms:
+    """Gradient norm of theta_forget, theta_retain and theta_joint (SGTM.md section 2).
+
+    Built once from the model and its partition's local (this TP rank's) forget units."""
+
+    def __init__(self, model, routing) -> None:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        partition = model.partition
+        local = partition.local(tp, rank)
+        forget_roles = ablated_roles(routing.variant)
+        masked_edges = RETAIN if routing.mask_embeddings else JOINT
+        self.entries: list[_Entry] = []
+        for name, param in model.named_parameters():
+            if not param_is_not_tensor_parallel_duplicate(param):
+                continue
+            match = _LINEAR.search(name)
+            if match:
+                layer = int(match.group(1))
+                role = match.group(2) or match.group(3)
+                kind = match.group(4)
+                if role not in forget_roles:
+                    self.entries.append(_Entry(param, JOINT))
+                    continue
+                units = local.units(role) if partition.has_forget_units(layer) else ()
+                is_row = role in ("proj", "fc2")
+                if is_row and kind == "bias":
+                    # Output biases are retain parameters (SGTM.md section 2).
+                    self.entries.append(_Entry(param, RETAIN))
+                    continue
+                index = torch.tensor(units, dtype=torch.long, device=param.device) if units else None
+                self.entries.append(_Entry(param, RETAIN, 1 if (is_row and kind == "weight") else 0,
+                                           index))
+            elif _BLOCK_NORM.search(name) or name.startswith("embedding."):
+                self.entries.append(_Entry(param, masked_edges))
+            elif name.startswith("output_layer.weight"):
+                self.entries.append(_Entry(param, masked_edges))
+            else:  # final norm, output bias
+                self.entries.append(_Entry(param, JOINT))
+
+    def squared(self) -> torch.Tensor:
+        """``[3]`` squared norms (forget, retain, joint), TP-reduced, still on the device."""
+        device = self.entries[0].param.device if self.entries else torch.device("cpu")
+        out = torch.zeros(3, dtype=torch.float32, device=device)
+        for entry in self.entries:
+            grad = grad_of(entry.param)
+            if grad is None:
+                continue
+            total = grad.float().square().sum()
+            if entry.forget_index is not None:
+                part = grad.index_select(entry.forget_dim, entry.forget_index).float().square().sum()
+                out[FORGET] += part
+                out[entry.category] += total - part
+            else:
+                out[entry.category] += total
+        return _tp_sum(out)
+
+    def norms(self) -> dict[str, float]:
+        values = self.squared().clamp(min=0).sqrt().tolist()
+        return {f"grad_norm/{n}": v for n, v in zip(CATEGORY_NAMES, values)}

@@ -1,0 +1,151 @@
+"""The training loop's only contact with the shard reader and the checkpoint package.
+
+Errors from either come back as ``TrainError`` with the package's own message.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..configbase import config_to_dict
+from .config import ExperimentConfig
+from .errors import TrainError
+
+
+def _data():
+    from .. import data
+
+    return data
+
+
+def _ckpt():
+    from .. import checkpoint
+
+    return checkpoint
+
+
+# ---------------------------------------------------------------- data
+
+
+def _open(cfg: ExperimentConfig, split: str):
+    data = _data()
+    try:
+        return data.open_split(cfg.data.dir, split)
+    except data.DataError as exc:
+        raise TrainError(f"data: {exc}") from None
+
+
+def check_data(cfg: ExperimentConfig) -> dict:
+    """Open (and so validate) the train split; check the vocabulary fits. Returns the manifest."""
+    split = _open(cfg, cfg.data.split)
+    manifest = dict(getattr(split, "manifest", {}) or {})
+    vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
+    if vocab is not None and vocab > cfg.model.vocab_size:
+        raise TrainError(f"data: tokenizer has {vocab} tokens but model.vocab_size is "
+                         f"{cfg.model.vocab_size}")
+    return manifest
+
+
+def control_ids(manifest: dict, cfg: ExperimentConfig) -> Optional[tuple[int, int]]:
+    if cfg.data.method != "conditional":
+        return None
+    tok = manifest.get("tokenizer") or {}
+    if tok.get("good_id") is None or tok.get("bad_id") is None:
+        raise TrainError("data: conditional training needs tokenizer.good_id/bad_id in the "
+                         "manifest (control tokens); re-run `sgtm prep`")
+    return int(tok["good_id"]), int(tok["bad_id"])
+
+
+def manifest_summary(manifest: dict) -> dict:
+    tok = manifest.get("tokenizer") or {}
+    return {"tokenizer_sha256": tok.get("sha256"), "vocab_size": tok.get("vocab_size")}
+
+
+def train_batches(cfg: ExperimentConfig, dp_rank: int, dp_size: int):
+    data = _data()
+    try:
+        return data.TrainBatches(_open(cfg, cfg.data.split), seq_length=cfg.model.seq_length,
+                                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
+                                 dp_size=dp_size, seed=cfg.train.seed, method=cfg.data.method)
+    except data.DataError as exc:
+        raise TrainError(f"data: {exc}") from None
+
+
+def eval_batches(cfg: ExperimentConfig, split: str, dp_rank: int, dp_size: int):
+    """Micro-batches of a held-out split in a fixed order, or None when the split is absent."""
+    data = _data()
+    if not (Path(cfg.data.dir) / f"{split}_tokens.idx").exists():
+        return None
+    try:
+        return iter(data.TrainBatches(_open(cfg, split), seq_length=cfg.model.seq_length,
+                                      micro_batch_size=cfg.train.micro_batch_size,
+                                      dp_rank=dp_rank, dp_size=dp_size, seed=0, method="none"))
+    except data.DataError as exc:
+        raise TrainError(f"data: {exc}") from None
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def partition_meta(engine) -> dict:
+    return engine.model.partition.to_metadata()
+
+
+def save(cfg: ExperimentConfig, step: int, engine, extra: dict) -> None:
+    ck = _ckpt()
+    try:
+        ck.save_checkpoint(Path(cfg.checkpoint.dir), step, engine.model,
+                           engine.checkpoint_optimizer(), extra, config_to_dict(cfg),
+                           partition_meta(engine), keep_last=cfg.checkpoint.keep_last)
+    except ck.CheckpointError as exc:
+        raise TrainError(f"checkpoint: {exc}") from None
+
+
+def resume(cfg: ExperimentConfig, engine) -> Optional[dict]:
+    """Load the latest checkpoint (``resume: auto|require``); returns its extra dict."""
+    if not cfg.checkpoint.dir or cfg.checkpoint.resume == "never":
+        return None
+    ck = _ckpt()
+    root = Path(cfg.checkpoint.dir)
+    latest = ck.latest_checkpoint(root) if root.exists() else None
+    if latest is None:
+        if cfg.checkpoint.resume == "require":
+            raise TrainError(f"checkpoint: resume 'require' but {root} holds no checkpoint")
+        return None
+    try:
+        return ck.load_checkpoint(root, engine.model, engine.checkpoint_optimizer(),
+                                  config_to_dict(cfg), partition_meta(engine))
+    except ck.CheckpointError as exc:
+        raise TrainError(f"checkpoint: {exc}") from None
+
+
+# Per-rank RNG state lives beside the checkpoints: it differs on every rank, while the
+# checkpoint's metadata is global.
+def _rank_state_path(cfg: ExperimentConfig, step: int) -> Path:
+    return Path(cfg.checkpoint.dir) / "rank_state" / f"step{step:08d}_rank{dist.get_rank()}.pt"
+
+
+def save_rank_state(cfg: ExperimentConfig, step: int, state: dict) -> None:
+    path = _rank_state_path(cfg, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    keep = cfg.checkpoint.keep_last
+    mine = sorted(path.parent.glob(f"step*_rank{dist.get_rank()}.pt"))
+    for old in mine[:-keep - 1]:  # one spare: the checkpoint of `step` may not have landed yet
+        old.unlink(missing_ok=True)
+
+
+def load_rank_state(cfg: ExperimentConfig, step: int) -> Optional[dict]:
+    path = _rank_state_path(cfg, step)
+    if not path.exists():
+        return None
+    return torch.load(path, weights_only=False)
+
+
+__all__ = ["check_data", "train_batches", "eval_batches", "save", "resume", "control_ids"]
