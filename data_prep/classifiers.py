@@ -12,6 +12,21 @@ from data_prep.corpus import FORGET
 from data_prep.recipe import ClassifierConfig
 
 
+_IDENTIFIERS: dict = {}
+
+
+def _identifier(languages: tuple[str, ...]):
+    """py3langid's model, restricted; cached per process because unpacking it (LZMA)
+    costs more CPU than scoring the whole embedded corpus."""
+    if languages not in _IDENTIFIERS:
+        from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
+
+        ident = LanguageIdentifier.from_modelpath(MODEL_DIR / MODEL_FILE, norm_probs=True)
+        ident.set_languages(list(languages))
+        _IDENTIFIERS[languages] = ident
+    return _IDENTIFIERS[languages]
+
+
 class LanguageScorer:
     """py3langid restricted to the recipe's languages; score = P(forget language).
 
@@ -21,12 +36,10 @@ class LanguageScorer:
     """
 
     def __init__(self, cfg: ClassifierConfig):
-        from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
-
-        ident = LanguageIdentifier.from_modelpath(MODEL_DIR / MODEL_FILE, norm_probs=True)
-        ident.set_languages(list(cfg.languages))
+        ident = _identifier(tuple(cfg.languages))
         self.identifier = ident  # the reference implementation, kept for cross-checks
-        self._nm = np.frombuffer(ident.tk_nextmove, dtype=np.dtype(ident.tk_nextmove.typecode)).astype(np.int64)
+        # A view, not a copy: the transition table has ~10M entries.
+        self._nm = np.frombuffer(ident.tk_nextmove, dtype=np.dtype(ident.tk_nextmove.typecode))
         self._rowbase = np.asarray(ident._rowbase, dtype=np.int64)
         self._out = np.asarray(ident.tk_output, dtype=np.int64)
         self._ptc = np.asarray(ident.nb_ptc, dtype=np.float32)

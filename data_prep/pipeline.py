@@ -25,7 +25,7 @@ _worker: dict = {}
 
 def _init_worker(lang_cfg: Optional[ClassifierConfig]) -> None:
     _worker["lang"] = classifiers.LanguageScorer(lang_cfg) if lang_cfg else None
-    _worker["sp_key"] = None
+    _worker["sp_key"] = _worker["sp"] = None
 
 
 def _process(task: tuple[str, bytes, int, list[str]]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
@@ -48,17 +48,18 @@ def _process(task: tuple[str, bytes, int, list[str]]) -> tuple[np.ndarray, np.nd
 class Encoder:
     """The worker pool for tokenization + language scoring.
 
-    Started before the corpus is read and the tokenizer trained, so that loading the
-    language model in the workers overlaps with that work; the tokenizer travels with
-    each chunk and is cached per worker (it is only known after training).
+    The language model is loaded in the parent before forking, so workers share it
+    instead of each unpacking it. The tokenizer travels with each chunk and is cached
+    per worker (it is only known after training). ``start`` queues all chunks and
+    returns at once, so the parent can fit the topic classifier while workers encode.
     """
 
     def __init__(self, lang_cfg: Optional[ClassifierConfig], workers: int, progress: bool):
-        self.lang_cfg, self.workers, self.progress = lang_cfg, workers, progress
-        self.pool = None
-        if workers > 1:
-            # fork: workers inherit the loaded modules; nothing CUDA is ever initialised here.
-            self.pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(lang_cfg,))
+        self.lang_cfg, self.progress = lang_cfg, progress
+        _init_worker(lang_cfg)
+        # fork: workers inherit the loaded modules; nothing CUDA is ever initialised here.
+        self.pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+        self._pending = None
 
     def __enter__(self) -> "Encoder":
         return self
@@ -68,18 +69,19 @@ class Encoder:
             self.pool.terminate()
             self.pool.join()
 
-    def encode(self, texts: list[str], tok: TokenizerInfo):
+    def start(self, texts: list[str], tok: TokenizerInfo) -> None:
+        chunks = [texts[i:i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
+        tasks = [(tok.sha256, tok.model_bytes, tok.eod_id, c) for c in chunks]
+        # imap keeps order, so output never depends on worker timing.
+        it = self.pool.imap(_process, tasks) if self.pool is not None else map(_process, tasks)
+        self._pending = (chunks, it)
+
+    def collect(self):
         from tqdm import tqdm
 
-        chunks = [texts[i:i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
-        tasks = ((tok.sha256, tok.model_bytes, tok.eod_id, c) for c in chunks)
-        bar = tqdm(total=sum(len(t.encode("utf-8")) for t in texts), unit="B", unit_scale=True,
-                   desc="tokenize+classify", disable=not self.progress, file=sys.stderr)
-        if self.pool is None:
-            _init_worker(self.lang_cfg)
-            it = map(_process, tasks)
-        else:
-            it = self.pool.imap(_process, tasks)  # ordered, so output is independent of timing
+        chunks, it = self._pending
+        bar = tqdm(total=sum(len(t.encode("utf-8")) for c in chunks for t in c), unit="B",
+                   unit_scale=True, desc="tokenize+classify", disable=not self.progress, file=sys.stderr)
         results = []
         with bar:
             for chunk, res in zip(chunks, it):
@@ -129,8 +131,12 @@ def prepare(recipe: Recipe, out: str | Path, force: bool = False, workers: int =
             ", ".join(f"{n} {len(s.texts)}" for n, s in splits.items()))
         tok = given_tok or train_tokenizer(splits["train"].texts, recipe.tokenizer)
         all_texts = [t for s in splits.values() for t in s.texts]
-        flat, lengths, lang_scores = encoder.encode(all_texts, tok)
-    scores, seed = _classify(recipe, splits, lang_scores)
+        encoder.start(all_texts, tok)
+        if lang_cfg is None:
+            scores, seed = _classify(recipe, splits, None)
+        flat, lengths, lang_scores = encoder.collect()
+    if lang_cfg is not None:
+        scores, seed = _classify(recipe, splits, lang_scores)
 
     train = splits["train"]
     ntrain = len(train.texts)
