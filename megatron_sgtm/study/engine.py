@@ -6,9 +6,10 @@ once per run (torchrun) is what makes a 10-minute CPU demo possible.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
-import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -18,24 +19,25 @@ import numpy as np
 _STATE: dict = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker_init(threads: int = 1) -> None:
     """Idempotent: one-rank gloo group + megatron parallel state for this process."""
     if _STATE.get("ready"):
         return
     import torch
 
-    torch.set_num_threads(max(1, threads))
-    if "RANK" not in os.environ or "MASTER_PORT" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    from ..parallel import init_parallel
+    import torch.distributed as dist
 
+    torch.set_num_threads(max(1, threads))
+    from ..parallel import default_backend, init_parallel
+
+    if not dist.is_initialized():
+        # A private file store, not MASTER_PORT from the environment: parallel workers (and
+        # children of a process that ran one) would otherwise race for the same port.
+        fd, store = tempfile.mkstemp(prefix="sgtm-pg-")
+        os.close(fd)
+        dist.init_process_group(default_backend(), init_method=f"file://{store}", rank=0, world_size=1)
+        # The store lives as long as the group (new_group keeps using it).
+        atexit.register(lambda: os.path.exists(store) and os.unlink(store))
     init_parallel(1, 0)
     _STATE["ready"] = True
 

@@ -98,6 +98,14 @@ class AttackSpec:
     eval_every: int = 10
     eval_sequences: int = 32
 
+    def problems(self) -> list[str]:
+        out = []
+        if self.steps <= 0 or self.eval_every <= 0 or self.batch_size < 2:
+            out.append("attack: steps and eval_every must be positive, batch_size >= 2")
+        if not 0 <= self.warmup_steps < self.steps:
+            out.append(f"attack.warmup_steps: must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        return out
+
 
 @dataclass
 class LeakageSpec:
