@@ -211,6 +211,9 @@ def experiment_dict(path: str | Path | None, overrides: list[str] | None = None)
     routing = data.setdefault("routing", {})
     if isinstance(routing, dict) and "method" not in routing and method in ROUTING_OF:
         routing["method"] = ROUTING_OF[method]
+    logging = data.get("logging")
+    if isinstance(logging, dict) and logging.get("wandb") is False:
+        logging["wandb"] = "off"  # YAML 1.1 reads a bare `off` as false
     return data
 
 
