@@ -51,6 +51,8 @@ def tradeoff(rows: list[dict], path: Path, title: str = "") -> Path:
                     continue
                 ax.scatter(x, y, color=COLORS.get(r["method"], "gray"), s=28,
                            marker="o" if str(r.get("seed")) in ("0", "None") else "^")
+                if len({q["size"] for q in rows}) > 1:
+                    ax.annotate(r["size"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         for m, c in COLORS.items():
             if any(r["method"] == m for r in rows):
                 ax.scatter([], [], color=c, label=m)
