@@ -1,7 +1,13 @@
-"""Training data: validated shard splits, label-homogeneous packing, resumable batches."""
-from .batches import METHODS, TrainBatches, kept_documents
-from .packing import SampleIndex, build_sample_index
+"""Shard reading, label-homogeneous packing and training/held-out batches.
+
+``open_split`` validates a data_prep split; ``TrainBatches`` serves resumable DP-sliced
+micro-batches; ``EvalBatches`` serves held-out ones. ``testing.write_test_shards`` writes small
+real shard directories for tests.
+"""
+from .batches import METHODS, EvalBatches, MethodSpec, TrainBatches, method_spec
+from .packing import PackedIndex, build_packing, cached_packing
 from .shards import DataError, ShardSplit, open_split, read_manifest
 
-__all__ = ["DataError", "METHODS", "SampleIndex", "ShardSplit", "TrainBatches",
-           "build_sample_index", "kept_documents", "open_split", "read_manifest"]
+__all__ = ["DataError", "EvalBatches", "METHODS", "MethodSpec", "PackedIndex", "ShardSplit",
+           "TrainBatches", "build_packing", "cached_packing", "method_spec", "open_split",
+           "read_manifest"]

@@ -1,121 +1,202 @@
-"""Micro-batches for training and evaluation, deterministic and resumable.
+"""Training and held-out micro-batches from a ``ShardSplit``.
 
-Global order: samples in a seeded permutation per epoch; global micro-batch ``m`` is
-positions ``[m * B * dp, (m + 1) * B * dp)`` and data-parallel rank ``r`` takes its slice
-``[r * B, (r + 1) * B)``. So DP=2 with one micro-batch per step sees exactly the samples of
-DP=1 with two accumulated micro-batches, and the position (``consumed_samples``) is the only
-state an exact resume needs.
+Global order: epoch ``e`` visits the packed samples in ``default_rng([seed, e]).permutation``;
+epochs repeat with fresh permutations, so a filtered run (fewer samples) still takes the same
+number of optimizer steps. Micro-step ``j`` consumes global positions
+``[j * mbs * dp, (j + 1) * mbs * dp)`` and DP rank ``r`` takes the ``r``-th ``mbs`` of them, so
+a global batch of ``accum`` micro-steps is one contiguous run of the order whatever the DP
+size: DP=2 x accum=1 and DP=1 x accum=2 see the same samples per step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from .packing import SampleIndex, build_sample_index, global_sample
+from .packing import PackedIndex, cached_packing
 from .shards import DataError, ShardSplit
 
-TRUTH_ADJACENT = 2
+FORGET_LABEL, ADJACENT_TRUTH = 2, 2
 
 
 @dataclass(frozen=True)
-class MethodData:
-    """How a training method uses the labels (SGTM.md sections 3 and 6)."""
+class MethodSpec:
+    """How a training method uses the labels."""
 
-    drop_forget: bool = False       # weak filter: forget-labelled documents are not trained on
-    drop_adjacent: bool = False     # strict filter: nor the adjacent category
-    route: bool = False             # labels go to the routing context
-    report_labels: bool = False     # labels are applied (routing, SLUNG masks, control tokens)
+    routes: bool  # the model routes by the sample's label; otherwise routing labels are 0
+    drop_labels: tuple[int, ...] = ()  # applied labels whose documents are removed
+    drop_truth: tuple[int, ...] = ()  # true domains whose documents are removed
 
 
-METHODS = {
-    "none": MethodData(),
-    "sgtm": MethodData(route=True, report_labels=True),
-    "gradient_routing": MethodData(route=True, report_labels=True),
-    "activation_masking": MethodData(route=True, report_labels=True),
-    "weak_filter": MethodData(drop_forget=True),
-    "strict_filter": MethodData(drop_forget=True, drop_adjacent=True),
-    "slung": MethodData(report_labels=True),
-    "conditional": MethodData(report_labels=True),
+# Add new methods here; the loop's routing config names the model-side behaviour.
+METHODS: dict[str, MethodSpec] = {
+    "none": MethodSpec(routes=False),
+    "sgtm": MethodSpec(routes=True),
+    "gradient_routing": MethodSpec(routes=True),
+    "activation_masking": MethodSpec(routes=True),
+    "weak_filter": MethodSpec(routes=False, drop_labels=(FORGET_LABEL,)),
+    # The paper's strict filter also removes the adjacent categories, which truth records.
+    "strict_filter": MethodSpec(routes=False, drop_labels=(FORGET_LABEL,),
+                                drop_truth=(ADJACENT_TRUTH,)),
+    # These read applied_label themselves (loss masking / control tokens).
+    "slung": MethodSpec(routes=False),
+    "conditional": MethodSpec(routes=False),
 }
 
 
-def kept_documents(split: ShardSplit, method: str) -> np.ndarray:
-    rule = METHODS[method]
-    keep = np.ones(len(split), dtype=bool)
-    if rule.drop_forget:
-        keep &= split.doc_labels != 2
-    if rule.drop_adjacent:
-        keep &= split.doc_truth != TRUTH_ADJACENT
-    return keep
+def method_spec(method: str) -> MethodSpec:
+    if method not in METHODS:
+        raise DataError(f"unknown data method {method!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[method]
+
+
+def _gather(split: ShardSplit, index: PackedIndex, samples: np.ndarray) -> dict:
+    """Token, per-token label and per-token truth rows [b, seq+1] for ``samples``."""
+    lo, hi = index.piece_ptr[samples], index.piece_ptr[samples + 1]
+    pieces = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
+    docs = index.piece_doc[pieces]
+    lens = index.piece_stop[pieces] - index.piece_start[pieces]
+    starts = split.doc_offsets[docs] + index.piece_start[pieces]
+    # Flat positions of every token: each piece contributes start, start+1, ..., start+len-1.
+    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    pos = shift + np.arange(int(lens.sum()))
+    rows = (len(samples), index.seq_length + 1)
+    return {"tokens": split.tokens[pos].astype(np.int64).reshape(rows),
+            "labels": split.labels[pos].astype(np.int64).reshape(rows),
+            "truth": np.repeat(split.doc_truth[docs], lens).reshape(rows)}
+
+
+def _to_batch(rows: dict, routing: np.ndarray, sample_label: np.ndarray,
+              sample_truth: np.ndarray) -> dict:
+    s = rows["tokens"].shape[1] - 1
+    t = torch.from_numpy
+    return {
+        "tokens": t(np.ascontiguousarray(rows["tokens"][:, :-1])),
+        "targets": t(np.ascontiguousarray(rows["tokens"][:, 1:])),
+        "routing_labels": t(np.repeat(routing[:, None], s, axis=1)),
+        # Per target position: the sidecar's applied label and the document's true domain
+        # (SLUNG flags targets by it; the counters count tokens true -> applied).
+        "applied_label": t(np.ascontiguousarray(rows["labels"][:, 1:])),
+        "true_domain": t(np.ascontiguousarray(rows["truth"][:, 1:])),
+        "sample_label": t(sample_label.astype(np.int64)),
+        "sample_truth": t(sample_truth.astype(np.int64)),
+    }
 
 
 class TrainBatches:
-    """Iterator of micro-batch dicts of int64 tensors ``[B, seq]``:
-    ``tokens``, ``targets``, ``routing_labels`` (0 unless the method routes), ``applied_label``
-    (the label the method applied to each token) and ``true_domain`` (per token)."""
+    """Infinite label-homogeneous micro-batches for one DP rank, resumable exactly."""
 
-    def __init__(self, split: ShardSplit, seq_length: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, seed: int, method: str, consumed_samples: int = 0):
-        if method not in METHODS:
-            raise DataError(f"unknown data method {method!r}; known: {', '.join(METHODS)}")
-        if not 0 <= dp_rank < dp_size:
-            raise DataError(f"dp_rank {dp_rank} outside data-parallel size {dp_size}")
-        self.split, self.method = split, METHODS[method]
-        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.consumed_samples = consumed_samples
-        keep = kept_documents(split, method)
-        try:
-            self.index: SampleIndex = build_sample_index(split.doc_lengths, split.doc_labels,
-                                                         keep, seq_length, seed)
-        except ValueError as exc:
-            raise DataError(f"{split.directory} ({split.split}, method {method}): {exc}") from None
-        self._order_cache: dict = {}
+    def __init__(self, split: ShardSplit, seq_length: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int, method: str,
+                 consumed_samples: int = 0, cache_dir: Optional[Path] = None,
+                 use_cache: bool = True) -> None:
+        if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:
+            raise DataError(f"bad batch geometry: micro_batch_size {micro_batch_size}, "
+                            f"dp_rank {dp_rank}, dp_size {dp_size}")
+        self.spec = method_spec(method)
+        self.split = split
+        self.seq_length, self.mbs = seq_length, micro_batch_size
+        self.dp_rank, self.dp_size, self.seed, self.method = dp_rank, dp_size, seed, method
+        if cache_dir is None and use_cache:
+            cache_dir = Path(split.directory) / ".packing_cache"
+        self.index, self.key = cached_packing(
+            cache_dir if use_cache else None, split.doc_lengths, split.doc_labels,
+            split.doc_truth, seq_length, seed, self.spec.drop_labels, self.spec.drop_truth,
+            self.spec.routes)
+        if self.index.num_samples == 0:
+            raise DataError(f"{split.directory}: split {split.split!r} packs into no samples of "
+                            f"{seq_length + 1} tokens with method {method!r} "
+                            f"({split.num_tokens} tokens, {self.index.dropped_docs} documents "
+                            "filtered)")
+        self.consumed_samples = int(consumed_samples)
+        self._perm_epoch, self._perm = -1, None
 
-    def __len__(self) -> int:
-        """Samples per epoch."""
-        return len(self.index)
+    @property
+    def num_samples(self) -> int:
+        return self.index.num_samples
+
+    def _order(self, positions: np.ndarray) -> np.ndarray:
+        """Sample ids at global positions (positions lie in at most two epochs)."""
+        n = self.num_samples
+        out = np.empty(len(positions), np.int64)
+        epochs = positions // n
+        for e in np.unique(epochs):
+            if e != self._perm_epoch:
+                self._perm = np.random.default_rng([self.seed, int(e)]).permutation(n)
+                self._perm_epoch = int(e)
+            sel = epochs == e
+            out[sel] = self._perm[positions[sel] % n]
+        return out
+
+    def global_samples(self, start: int, count: int) -> np.ndarray:
+        """Sample ids at global positions ``[start, start + count)`` (all ranks)."""
+        return self._order(np.arange(start, start + count, dtype=np.int64))
+
+    def batch_at(self, consumed: int) -> dict:
+        """This rank's micro-batch for the micro-step that starts at global position ``consumed``."""
+        samples = self.global_samples(consumed + self.dp_rank * self.mbs, self.mbs)
+        rows = _gather(self.split, self.index, samples)
+        return _to_batch(rows, self.index.routing_label[samples],
+                         self.index.sample_label[samples], self.index.sample_truth[samples])
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            batch = self.batch_at(self.consumed_samples)
+            self.consumed_samples += self.mbs * self.dp_size
+            yield batch
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed,
-                "num_samples": len(self.index)}
+                "method": self.method, "seq_length": self.seq_length, "index_key": self.key,
+                "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("num_samples", len(self.index)) != len(self.index):
-            raise DataError(f"the data changed since the checkpoint: {state['num_samples']} "
-                            f"samples then, {len(self.index)} now")
+        """Resume at ``consumed_samples``; refuse when the data or packing changed under it."""
+        for name in ("seed", "method", "seq_length", "index_key"):
+            if name in state and state[name] != getattr(self, "key" if name == "index_key"
+                                                        else name):
+                raise DataError(f"data position was saved for a different {name} "
+                                f"({state[name]!r}, now {getattr(self, 'key' if name == 'index_key' else name)!r}); "
+                                "the run cannot resume at the same samples")
         self.consumed_samples = int(state["consumed_samples"])
 
-    def __iter__(self):
-        return self
 
-    def _sample(self, sample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        split = self.split
-        tokens, labels, truth = [], [], []
-        for doc, start, stop in self.index.pieces(sample):
-            base = int(split.doc_offsets[doc])
-            tokens.append(split.tokens[base + start:base + stop])
-            labels.append(split.token_labels[base + start:base + stop])
-            truth.append(np.full(stop - start, split.doc_truth[doc], dtype=np.int64))
-        return (np.concatenate(tokens).astype(np.int64), np.concatenate(labels).astype(np.int64),
-                np.concatenate(truth))
+class EvalBatches:
+    """Held-out micro-batches: documents in file order, cut into ``seq + 1`` token rows.
 
-    def __next__(self) -> dict:
-        b = self.micro_batch_size
-        first = self.consumed_samples + self.dp_rank * b
-        rows = [self._sample(global_sample(first + i, len(self.index), self.seed,
-                                           self._order_cache)) for i in range(b)]
-        self.consumed_samples += b * self.dp_size
-        tokens = torch.from_numpy(np.stack([r[0] for r in rows]))
-        labels = torch.from_numpy(np.stack([r[1] for r in rows]))[:, :-1]
-        truth = torch.from_numpy(np.stack([r[2] for r in rows]))[:, :-1]
-        applied = labels if self.method.report_labels else torch.zeros_like(labels)
-        return {
-            "tokens": tokens[:, :-1].contiguous(),
-            "targets": tokens[:, 1:].contiguous(),
-            "routing_labels": (labels if self.method.route else torch.zeros_like(labels)).contiguous(),
-            "applied_label": applied.contiguous(),
-            "true_domain": truth.contiguous(),
-        }
+    Finite and deterministic; no label grouping (held-out splits are single-domain). With
+    ``dp_size > 1`` rank ``r`` takes every ``dp_size``-th micro-batch.
+    """
+
+    def __init__(self, split: ShardSplit, seq_length: int, micro_batch_size: int,
+                 max_samples: Optional[int] = None, dp_rank: int = 0, dp_size: int = 1) -> None:
+        self.split, self.seq_length, self.mbs = split, seq_length, micro_batch_size
+        n = split.num_tokens // (seq_length + 1)
+        if max_samples is not None:
+            n = min(n, int(max_samples))
+        if n == 0:
+            raise DataError(f"{split.directory}: split {split.split!r} has {split.num_tokens} "
+                            f"tokens, fewer than one sample of {seq_length + 1}")
+        self.num_samples = n
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __len__(self) -> int:
+        batches = -(-self.num_samples // self.mbs)
+        return len(range(self.dp_rank, batches, self.dp_size))
+
+    def __iter__(self) -> Iterator[dict]:
+        width = self.seq_length + 1
+        for start in range(self.dp_rank * self.mbs, self.num_samples, self.mbs * self.dp_size):
+            stop = min(start + self.mbs, self.num_samples)
+            flat = slice(start * width, stop * width)
+            tokens = np.asarray(self.split.tokens[flat], np.int64).reshape(-1, width)
+            labels = np.asarray(self.split.labels[flat], np.int64).reshape(-1, width)
+            doc = np.searchsorted(self.split.doc_offsets, np.arange(flat.start, flat.stop),
+                                  side="right") - 1
+            truth = self.split.doc_truth[doc].reshape(-1, width)
+            rows = {"tokens": tokens, "labels": labels, "truth": truth}
+            majority = np.stack([(truth == k).sum(axis=1) for k in range(3)], 1).argmax(1)
+            yield _to_batch(rows, np.zeros(len(tokens), np.int64), labels.max(axis=1), majority)

@@ -1,92 +1,162 @@
-"""Pure index math: label-homogeneous training samples from documents.
+"""Label-homogeneous packing of documents into fixed-length training samples (pure numpy).
 
-Documents of one applied label are concatenated, in a seeded order, into one stream per label;
-each stream is cut into samples of ``seq_length + 1`` tokens (inputs ``[:-1]``, targets
-``[1:]``; consecutive samples share one boundary token, as megatron's GPTDataset). A sample
-therefore never mixes labels, so causal attention cannot carry a forget document's content into
-a retain-routed position (SGTM.md section 3). The stream tail shorter than a sample is dropped.
+Per applied label, the label's documents are concatenated in a seeded shuffled order and the
+stream is cut into samples of ``seq_length + 1`` tokens (inputs ``[:-1]``, targets ``[1:]``);
+the tail shorter than one sample is dropped. A sample therefore never mixes labels, which is
+what keeps forget information out of retain gradients under causal attention (SGTM.md 3).
+
+A sample is a run of pieces ``(doc, start, stop)`` (token offsets inside the document); the
+index stores them as flat arrays with a CSR pointer per sample, so millions of samples cost a
+few arrays and can be cached on disk.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
 
 import numpy as np
 
+CACHE_VERSION = 1
+NUM_TRUTH = 3
+
 
 @dataclass(frozen=True)
-class SampleIndex:
-    """Samples as (group, start) into per-label document streams."""
-
+class PackedIndex:
     seq_length: int
-    group_labels: np.ndarray        # [G] applied label of each stream
-    group_docs: list                # [G] arrays: document ids in stream order
-    group_starts: list              # [G] arrays: stream offset of each of those documents
-    sample_group: np.ndarray        # [N] stream of each sample
-    sample_start: np.ndarray        # [N] stream offset of each sample's first token
+    sample_label: np.ndarray  # int64 [n], applied label of every document in the sample
+    routing_label: np.ndarray  # int64 [n], label the model routes by (0 for non-routing methods)
+    sample_truth: np.ndarray  # int64 [n], majority true domain by tokens (ties: lowest id)
+    piece_ptr: np.ndarray  # int64 [n + 1], sample i owns pieces piece_ptr[i]:piece_ptr[i+1]
+    piece_doc: np.ndarray  # int64 [P]
+    piece_start: np.ndarray  # int64 [P], offset inside the document
+    piece_stop: np.ndarray  # int64 [P]
+    dropped_docs: int = 0  # documents removed by the data filter
 
-    def __len__(self) -> int:
-        return len(self.sample_group)
-
-    def sample_label(self, sample: int) -> int:
-        return int(self.group_labels[self.sample_group[sample]])
+    @property
+    def num_samples(self) -> int:
+        return len(self.sample_label)
 
     def pieces(self, sample: int) -> list[tuple[int, int, int]]:
-        """``(doc, start, stop)`` slices that make up ``sample``, in order."""
-        group = int(self.sample_group[sample])
-        begin = int(self.sample_start[sample])
-        end = begin + self.seq_length + 1
-        starts, docs = self.group_starts[group], self.group_docs[group]
-        first = int(np.searchsorted(starts, begin, side="right")) - 1
-        out = []
-        i = first
-        while begin < end:
-            doc_start = int(starts[i])
-            doc_end = int(starts[i + 1]) if i + 1 < len(starts) else None
-            stop = end if doc_end is None else min(end, doc_end)
-            out.append((int(docs[i]), begin - doc_start, stop - doc_start))
-            begin = stop
-            i += 1
-        return out
+        a, b = self.piece_ptr[sample], self.piece_ptr[sample + 1]
+        return [(int(d), int(s), int(e)) for d, s, e in
+                zip(self.piece_doc[a:b], self.piece_start[a:b], self.piece_stop[a:b])]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in ("sample_label", "routing_label", "sample_truth",
+                                               "piece_ptr", "piece_doc", "piece_start",
+                                               "piece_stop")}
 
 
-def build_sample_index(doc_lengths: np.ndarray, doc_labels: np.ndarray, keep: np.ndarray,
-                       seq_length: int, seed: int) -> SampleIndex:
-    """Label-homogeneous samples over the kept documents, deterministic from ``seed``."""
+def _cut(doc_ids: np.ndarray, lengths: np.ndarray, sample_len: int):
+    """Pieces of the concatenated stream of ``doc_ids`` cut every ``sample_len`` tokens."""
+    cum = np.concatenate([[0], np.cumsum(lengths[doc_ids])])
+    n = int(cum[-1]) // sample_len
+    end = n * sample_len
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return 0, empty, empty, empty, empty
+    # Piece boundaries: every document boundary and every sample boundary inside the kept part.
+    cuts = np.union1d(cum[cum < end], np.arange(0, end, sample_len, dtype=np.int64))
+    stops = np.append(cuts[1:], end)
+    owner = np.searchsorted(cum, cuts, side="right") - 1
+    docs = doc_ids[owner]
+    return n, cuts // sample_len, docs, cuts - cum[owner], stops - cum[owner]
+
+
+def build_packing(doc_lengths: np.ndarray, doc_labels: np.ndarray, seq_length: int, seed: int,
+                  doc_truth: Optional[np.ndarray] = None, drop_labels: Iterable[int] = (),
+                  drop_truth: Iterable[int] = (), route: bool = True) -> PackedIndex:
+    """Pack documents into label-homogeneous samples of ``seq_length + 1`` tokens.
+
+    ``drop_labels``/``drop_truth`` remove documents by applied label / true domain before
+    packing (the data filters). ``route=False`` gives every sample routing label 0.
+    """
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    labels = np.asarray(doc_labels, dtype=np.int64)
+    truth = np.zeros_like(labels) if doc_truth is None else np.asarray(doc_truth, np.int64)
+    if not (len(lengths) == len(labels) == len(truth)):
+        raise ValueError(f"doc arrays differ in length: {len(lengths)} lengths, {len(labels)} "
+                         f"labels, {len(truth)} truth")
     if seq_length <= 0:
         raise ValueError(f"seq_length must be positive, got {seq_length}")
-    rng = np.random.default_rng(seed)
-    doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
-    doc_labels = np.asarray(doc_labels, dtype=np.int64)
-    labels, docs_per, starts_per, sample_group, sample_start = [], [], [], [], []
-    for label in np.unique(doc_labels[keep]):
-        docs = np.flatnonzero(keep & (doc_labels == label) & (doc_lengths > 0))
-        docs = docs[rng.permutation(len(docs))]
-        lengths = doc_lengths[docs]
-        total = int(lengths.sum())
-        count = (total - 1) // seq_length if total > seq_length else 0
-        if count == 0:
-            continue
-        group = len(labels)
-        labels.append(int(label))
-        docs_per.append(docs)
-        starts_per.append(np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
-        sample_group.append(np.full(count, group, dtype=np.int32))
-        sample_start.append(np.arange(count, dtype=np.int64) * seq_length)
-    if not labels:
-        raise ValueError(f"no complete sample of {seq_length + 1} tokens in the selected "
-                         "documents")
-    return SampleIndex(seq_length, np.array(labels, np.int64), docs_per, starts_per,
-                       np.concatenate(sample_group), np.concatenate(sample_start))
+    keep = ~np.isin(labels, list(drop_labels)) & ~np.isin(truth, list(drop_truth))
+    sample_len = seq_length + 1
+    parts = []
+    base = 0
+    for label in np.unique(labels[keep]):
+        docs = np.flatnonzero(keep & (labels == label))
+        # One stream per label with its own generator: adding a label's documents does not
+        # reshuffle the other labels' streams.
+        docs = np.random.default_rng([seed, int(label)]).permutation(docs)
+        n, sample, pdoc, pstart, pstop = _cut(docs, lengths, sample_len)
+        if n:
+            parts.append((int(label), n, sample + base, pdoc, pstart, pstop))
+            base += n
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return PackedIndex(seq_length, empty, empty, empty, np.zeros(1, np.int64), empty,
+                           empty, empty, int((~keep).sum()))
+    sample_label = np.concatenate([np.full(n, lab, np.int64) for lab, n, *_ in parts])
+    piece_sample = np.concatenate([p[2] for p in parts])
+    piece_doc = np.concatenate([p[3] for p in parts])
+    piece_start = np.concatenate([p[4] for p in parts])
+    piece_stop = np.concatenate([p[5] for p in parts])
+    counts = np.bincount(piece_sample, minlength=base)
+    piece_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    votes = np.zeros((base, NUM_TRUTH), np.int64)
+    np.add.at(votes, (piece_sample, truth[piece_doc]), piece_stop - piece_start)
+    routing = sample_label if route else np.zeros_like(sample_label)
+    return PackedIndex(seq_length, sample_label, routing.copy(), votes.argmax(axis=1),
+                       piece_ptr, piece_doc, piece_start, piece_stop, int((~keep).sum()))
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one pass; each epoch gets its own seeded permutation."""
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+def packing_key(doc_lengths, doc_labels, doc_truth, seq_length: int, seed: int,
+                drop_labels=(), drop_truth=(), route: bool = True) -> str:
+    h = hashlib.sha256()
+    for arr in (doc_lengths, doc_labels, doc_truth):
+        h.update(np.ascontiguousarray(np.asarray(arr, dtype=np.int64)).tobytes())
+        h.update(b"|")
+    h.update(repr((CACHE_VERSION, int(seq_length), int(seed), sorted(drop_labels),
+                   sorted(drop_truth), bool(route))).encode())
+    return h.hexdigest()[:32]
 
 
-def global_sample(position: int, num_samples: int, seed: int, cache: dict) -> int:
-    """The sample at global position ``position`` (epochs repeat with new permutations)."""
-    epoch, offset = divmod(position, num_samples)
-    if cache.get("epoch") != epoch:
-        cache["epoch"], cache["order"] = epoch, epoch_order(num_samples, seed, epoch)
-    return int(cache["order"][offset])
+def cached_packing(cache_dir: Optional[Path], doc_lengths, doc_labels, doc_truth,
+                   seq_length: int, seed: int, drop_labels=(), drop_truth=(),
+                   route: bool = True) -> tuple[PackedIndex, str]:
+    """``build_packing`` through an on-disk cache keyed by everything the index depends on.
+
+    The cache file is written to a temporary name and renamed, so concurrent ranks and
+    interrupted writers never leave a half-written index behind. An unwritable cache
+    directory only costs the rebuild.
+    """
+    key = packing_key(doc_lengths, doc_labels, doc_truth, seq_length, seed, drop_labels,
+                      drop_truth, route)
+    path = None if cache_dir is None else Path(cache_dir) / f"packing_{key}.npz"
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = arrays.pop("meta")
+            return PackedIndex(int(meta[0]), dropped_docs=int(meta[1]), **arrays), key
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable cache entry: rebuild and overwrite it
+    index = build_packing(doc_lengths, doc_labels, seq_length, seed, doc_truth, drop_labels,
+                          drop_truth, route)
+    if path is not None:
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, meta=np.array([index.seq_length, index.dropped_docs], np.int64),
+                         **index.arrays())
+            os.replace(tmp, path)
+        except OSError:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+    return index, key
