@@ -4,6 +4,7 @@ Errors from either come back as ``TrainError`` with the package's own message.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Optional
@@ -76,14 +77,24 @@ def train_batches(cfg: ExperimentConfig, dp_rank: int, dp_size: int):
 
 
 def eval_batches(cfg: ExperimentConfig, split: str, dp_rank: int, dp_size: int):
-    """Micro-batches of a held-out split in a fixed order, or None when the split is absent."""
+    """This DP rank's share of a fixed set of ``data.eval_batches`` x micro-batch held-out
+    sequences (the same set at every DP size), or None when the optional split is absent."""
     data = _data()
     if not (Path(cfg.data.dir) / f"{split}_tokens.idx").exists():
         return None
+    mbs = cfg.train.micro_batch_size
     try:
-        return iter(data.TrainBatches(_open(cfg, split), seq_length=cfg.model.seq_length,
-                                      micro_batch_size=cfg.train.micro_batch_size,
-                                      dp_rank=dp_rank, dp_size=dp_size, seed=0, method="none"))
+        split_data = _open(cfg, split)
+        if hasattr(data, "EvalBatches"):
+            return data.EvalBatches(split_data, seq_length=cfg.model.seq_length,
+                                    micro_batch_size=mbs,
+                                    max_samples=cfg.data.eval_batches * mbs,
+                                    dp_rank=dp_rank, dp_size=dp_size)
+        # A fixed seed gives the same held-out sequences at every evaluation.
+        batches = data.TrainBatches(split_data, seq_length=cfg.model.seq_length,
+                                    micro_batch_size=mbs, dp_rank=dp_rank, dp_size=dp_size,
+                                    seed=0, method="none")
+        return itertools.islice(iter(batches), -(-cfg.data.eval_batches // dp_size))
     except data.DataError as exc:
         raise TrainError(f"data: {exc}") from None
 

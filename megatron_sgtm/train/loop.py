@@ -52,7 +52,7 @@ def _dp_mean(value: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(engine, cfg: ExperimentConfig, builder: InputBuilder, dp_rank: int,
              dp_size: int) -> dict:
-    """Mean token loss on each held-out split (the first ``data.eval_batches`` micro-batches)."""
+    """Mean token loss on each held-out split (a fixed set of sequences, split over DP)."""
     model = engine.model
     was_training = model.training
     model.eval()
@@ -62,7 +62,7 @@ def evaluate(engine, cfg: ExperimentConfig, builder: InputBuilder, dp_rank: int,
         if batches is None:
             continue
         total = torch.zeros(2, dtype=torch.float64, device=_device())
-        for _, batch in zip(range(cfg.data.eval_batches), batches):
+        for batch in batches:
             inputs = builder(batch)
             token_loss = model(inputs.tokens, inputs.position_ids, None, labels=inputs.targets)
             total += torch.stack([token_loss.double().sum(),
