@@ -1,0 +1,236 @@
+"""save_checkpoint / load_checkpoint: model + optimizer via megatron dist_checkpointing.
+
+Collective: every rank of the job calls them (dist_checkpointing saves each rank's shards).
+Scripts that save on CPU must run under ``if __name__ == "__main__":``: torch's distributed
+checkpoint writer may start worker processes, which re-import the main module.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import secrets
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import optim
+from .layout import (FORMAT_VERSION, META_FILE, STATE_DIR, CheckpointError, atomic_write_text,
+                     prune, publish, rank_file, read_metadata, resolve, step_dir_name)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _parallel_sizes() -> dict:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {"tensor_parallel": 1, "data_parallel": _world()}
+    return {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+            "data_parallel": ps.get_data_parallel_world_size()}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mcore = version("megatron-core")
+    except PackageNotFoundError:
+        mcore = "unknown"
+    return {"torch": torch.__version__, "megatron_core": mcore, "python": platform.python_version()}
+
+
+def model_shapes(model_sd) -> dict[str, list[int]]:
+    """Global shape of every sharded model tensor, by checkpoint key (TP-independent)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return {t.key: list(t.global_shape) for t in nested_values(model_sd)
+            if isinstance(t, ShardedTensor)}
+
+
+def rng_state() -> dict:
+    """This process's random states (python, numpy, torch CPU/CUDA, megatron's TP tracker)."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _state_dicts(model, optimizer, loading: bool, common: Optional[dict] = None):
+    """(sharded state dict for dist_checkpointing, optimizer common part or None)."""
+    model_sd = model.sharded_state_dict()
+    kind = optim.kind(optimizer)
+    state: dict[str, Any] = {"model": model_sd}
+    opt_common = None
+    if kind == "torch":
+        if loading:
+            state["optimizer"] = optim.torch_template_for_load(optimizer, model_sd, common)
+        else:
+            parts = optim.torch_state_for_save(optimizer, model_sd)
+            state["optimizer"], opt_common = parts["sharded"], parts["common"]
+            state["optimizer_common"] = opt_common
+    elif kind == "sharded":
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+    return state, kind, opt_common
+
+
+def save_checkpoint(root, step: int, model, optimizer, extra: dict, config: dict,
+                    partition_meta: dict, keep_last: Optional[int] = None,
+                    hooks: Sequence[Any] = ()) -> Path:
+    """Write checkpoint ``root/step_{step:08d}`` atomically; returns its path (all ranks).
+
+    ``extra``: this rank's small state (scheduler, data position, counters); stored per rank
+    together with this rank's RNG states. ``hooks``: objects with ``save(tmp_dir)`` called on
+    every rank inside the unfinished directory (e.g. a DeepSpeed engine's own save), so their
+    files are published atomically with the rest.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    rank = _rank()
+    name = None
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"{step_dir_name(step)}.tmp-{secrets.token_hex(6)}"
+        (root / name / STATE_DIR).mkdir(parents=True)
+    tmp = root / _broadcast(name)
+    _barrier()  # the directory exists before anyone writes into it
+
+    state, kind, _ = _state_dicts(model, optimizer, loading=False)
+    shapes = model_shapes(state["model"])
+    dist_checkpointing.save(state, str(tmp / STATE_DIR))
+    torch.save({"extra": extra, "rng": rng_state()}, rank_file(tmp, rank))
+    for hook in hooks:
+        hook.save(tmp)
+    _barrier()  # every rank's files are on disk
+
+    final = root / step_dir_name(step)
+    if rank == 0:
+        meta = {"format_version": FORMAT_VERSION, "step": int(step), "config": config,
+                "partition": partition_meta, "model_shapes": shapes, "optimizer": kind,
+                "world_size": _world(), **_parallel_sizes(), "versions": _versions()}
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True,
+                                                      default=str) + "\n")
+        publish(tmp, root, step)
+        prune(root, keep_last, final)
+    _barrier()  # nobody returns (or starts the next save) before the rename
+    return final
+
+
+def _diff(expected: dict, stored: dict, what: str) -> list[str]:
+    out = []
+    for key in sorted(set(expected) | set(stored)):
+        if key not in stored:
+            out.append(f"{what} {key!r}: missing from the checkpoint")
+        elif key not in expected:
+            out.append(f"{what} {key!r}: in the checkpoint only")
+        elif expected[key] != stored[key]:
+            out.append(f"{what} {key!r}: checkpoint {stored[key]} vs expected {expected[key]}")
+    return out
+
+
+def check_compatible(meta: dict, shapes: dict, expected_partition: Optional[dict]) -> None:
+    """Raise one CheckpointError listing every difference that makes a load wrong.
+
+    The partition's global forget ids and every tensor's global shape are compared; other
+    config differences (learning rate, steps, dropout) are legitimate on resume, and TP size
+    may differ because dist_checkpointing reshards.
+    """
+    problems = []
+    if expected_partition is not None:
+        problems += _diff(expected_partition, meta.get("partition") or {}, "partition")
+    problems += _diff(shapes, meta.get("model_shapes") or {}, "tensor")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20
+                                 else [])
+        raise CheckpointError("checkpoint does not match this model:\n  " + "\n  ".join(shown))
+
+
+def load_checkpoint(root_or_dir, model, optimizer, expected_config: Optional[dict],
+                    expected_partition: Optional[dict]) -> dict:
+    """Load the latest complete checkpoint (or the given one) into ``model``/``optimizer``.
+
+    Everything that would make the load wrong (another partition, other tensor shapes, a
+    missing optimizer state) is checked before the model is touched. ``expected_config`` is
+    accepted for the caller's record; the partition ids and tensor shapes decide. Returns this rank's
+    ``extra`` with ``step``-independent keys added: ``rng_state`` (this rank's RNG states; pass
+    to ``restore_rng_state``) and ``checkpoint`` (the directory loaded).
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = resolve(root_or_dir)
+    meta = read_metadata(directory)
+    check_compatible(meta, model_shapes(model.sharded_state_dict()), expected_partition)
+    kind = optim.kind(optimizer)
+    if kind != "none" and meta.get("optimizer") != kind:
+        raise CheckpointError(f"{directory}: holds optimizer state of kind "
+                              f"{meta.get('optimizer')!r}, this run needs {kind!r}")
+    state_dir = str(directory / STATE_DIR)
+    common = None
+    if kind == "torch":
+        common = dist_checkpointing.load_common_state_dict(state_dir).get("optimizer_common")
+        if common is None:
+            raise CheckpointError(f"{directory}: optimizer state is missing")
+    state, kind, _ = _state_dicts(model, optimizer, loading=True, common=common)
+    loaded = dist_checkpointing.load(state, state_dir)
+    model.load_state_dict(loaded["model"], strict=True)
+    if kind == "torch":
+        optim.torch_load(optimizer, loaded["optimizer"], common)
+    elif kind == "sharded":
+        optimizer.load_state_dict(loaded["optimizer"])
+
+    mine = rank_file(directory, _rank())
+    if not mine.exists():  # resumed on more ranks than saved: rank 0's position is global
+        mine = rank_file(directory, 0)
+    extra: dict = {}
+    if mine.exists():
+        saved = torch.load(mine, weights_only=False)
+        extra = dict(saved.get("extra") or {})
+        extra.setdefault("rng_state", saved.get("rng"))
+    extra.setdefault("checkpoint", str(directory))
+    return extra
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "model_shapes",
+           "rng_state", "restore_rng_state", "CheckpointError"]
