@@ -48,16 +48,23 @@ def snapshot(model, opt) -> dict:
     return out
 
 
-def gathered(model) -> dict:
-    """Full (TP-gathered) model tensors in the global layout dist_checkpointing stores."""
+def gathered(model, opt=None) -> dict:
+    """Full (TP-gathered) model tensors, and with ``opt`` its per-parameter state tensors, in
+    the global layout dist_checkpointing stores."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    from megatron_sgtm.checkpoint import optim
+
     out = {}
     tp = ps.get_tensor_model_parallel_world_size()
-    for t in nested_values(model.sharded_state_dict()):
+    tensors = list(nested_values(model.sharded_state_dict()))
+    if opt is not None:
+        tensors += list(optim.torch_state_for_save(opt, model.sharded_state_dict())["sharded"]
+                        .values())
+    for t in tensors:
         if not isinstance(t, ShardedTensor):
             continue
         full = torch.zeros(t.global_shape, dtype=t.data.dtype)
@@ -97,7 +104,7 @@ def save_load_roundtrip(rank, world, tp, root):
         save_checkpoint(root, step, model, opt, {"step": step, "rank_note": f"r{rank}s{step}"},
                         config, part, keep_last=2)
     saved = snapshot(model, opt)
-    full = gathered(model)
+    full = gathered(model, opt)
     expected_draw = torch.rand(3)  # the RNG right after the save: restoring must replay it
 
     fresh, fresh_opt, _, _ = build(tp, seed=2)
@@ -144,13 +151,14 @@ def save_load_roundtrip(rank, world, tp, root):
             "untouched": untouched, "files_same": before == after, "full": full}
 
 
-def reshard_load(rank, world, tp, root, seed):
-    """Load a checkpoint written at another TP size; return full parameters and this rank's
-    extra; then a DP roundtrip at this size."""
+def reshard_then_roundtrip(rank, world, tp, other_root, root):
+    """Load a checkpoint written at another TP size (full tensors must match), then run the
+    whole save/load roundtrip at this size."""
     from megatron_sgtm.checkpoint import load_checkpoint
     from megatron_sgtm.parallel import init_parallel
 
     init_parallel(tp, 7)
-    model, opt, config, part = build(tp, seed=seed)
-    extra = load_checkpoint(root, model, opt, config, part)
-    return {"full": gathered(model), "extra": extra}
+    model, opt, config, part = build(tp, seed=5)
+    extra = load_checkpoint(other_root, model, opt, config, part)
+    resharded = {"full": gathered(model, opt), "extra": extra}
+    return {"resharded": resharded, **save_load_roundtrip(rank, world, tp, root)}
