@@ -133,9 +133,11 @@ def load(path: Path, tensor_parallel: int):
     model = build_model(core)
     ck = _ckpt()
     try:
-        ck.load_checkpoint(path, model, None, meta["config"], partition)
+        extra = ck.load_checkpoint(path, model, None, meta["config"], partition)
     except ck.CheckpointError as exc:
         raise PostError(f"checkpoint {path}: {exc}") from None
+    # The training loop records the data manifest summary (tokenizer sha256) in ``extra``.
+    meta["extra"] = {k: v for k, v in extra.items() if k not in ("rng_state", "checkpoint")}
     return model, core, meta
 
 
