@@ -70,6 +70,15 @@ def world_cli(rank, world, tmp):
     out["eval"] = _cli("eval_cli", [tmp / "abl", "--data", data, "--seq", 12, "--batch", 2,
                                     "--calibration-steps", 5, "--out", tmp / "eval.jsonl"])
     out["eval_rows"] = [json.loads(l) for l in (tmp / "eval.jsonl").read_text().splitlines()]
+    out["attack"] = _cli("attack_cli", [tmp / "abl", "--data", data, "--seq", 12, "--batch", 4,
+                                        "--target-loss", 1.0, "--lr", 1e-2, "--warmup", 2,
+                                        "--cosine-steps", 10, "--max-steps", 10,
+                                        "--eval-every", 5, "--out", tmp / "attack.jsonl"])
+    out["attack_rows"] = [json.loads(l) for l in (tmp / "attack.jsonl").read_text().splitlines()]
+    out["rmu"] = _cli("rmu_cli", [tmp / "ckpt", "--data", data, "--out", tmp / "rmu", "--seq", 12,
+                                  "--layer", 1, "--steps", 3, "--lr", 1e-3])
+    out["rmu_eval"] = _cli("eval_cli", [tmp / "rmu", "--data", data, "--seq", 12,
+                                        "--calibration-steps", 0])
     out["empty"] = _cli("eval_cli", [tmp / "abl", "--data", tmp / "empty", "--seq", 12])
 
     # A checkpoint without partition metadata.

@@ -34,6 +34,15 @@ def test_eval_writes_calibrated_rows(cli):
     assert any("distribution" in r for r in rows if r["split"] == "forget")
 
 
+def test_attack_and_rmu_commands_run_on_checkpoints(cli):
+    assert cli["attack"][0] == 0, cli["attack"][1]
+    (row,) = cli["attack_rows"]
+    assert [c["step"] for c in row["curve"]] == [0, 5, 10]
+    assert row["steps_to_target"] is None  # a loss of 1.0 is out of reach in 10 steps
+    assert cli["rmu"][0] == 0, cli["rmu"][1]
+    assert cli["rmu_eval"][0] == 0, cli["rmu_eval"][1]
+
+
 @pytest.mark.parametrize("case,message", [
     ("exists", "already exists"),
     ("nopart", "no partition metadata"),
