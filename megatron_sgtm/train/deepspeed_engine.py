@@ -7,6 +7,7 @@ DeepSpeed a torch AdamW: its own CPU FusedAdam would JIT-compile for minutes.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state as ps
@@ -102,4 +103,23 @@ class DeepSpeedEngine:
         return torch.as_tensor(float("nan") if norm is None else float(norm))
 
     def checkpoint_optimizer(self):
+        # ZeRO's partitioned optimizer is neither a torch optimizer nor megatron-sharded:
+        # DeepSpeed saves it itself, inside the same atomic checkpoint directory (hook).
         return None
+
+    def checkpoint_hooks(self) -> tuple:
+        return (self,)
+
+    def save(self, directory) -> None:
+        self.module.save_checkpoint(str(Path(directory) / "deepspeed"), tag="state",
+                                    save_latest=False)
+
+    def after_load(self, directory) -> None:
+        path, _ = self.module.load_checkpoint(
+            str(Path(directory) / "deepspeed"), tag="state", load_optimizer_states=True,
+            load_lr_scheduler_states=False, load_module_only=False)
+        if path is None:
+            from ..checkpoint import CheckpointError
+
+            raise CheckpointError(f"{directory}: no DeepSpeed optimizer state (saved by "
+                                  "another engine?)")

@@ -92,6 +92,12 @@ class MegatronEngine:
         """What the checkpoint stores for the optimizer (megatron's is sharded-aware)."""
         return self.optimizer
 
+    def checkpoint_hooks(self) -> tuple:
+        return ()
+
+    def after_load(self, directory) -> None:
+        pass
+
 
 def build_engine(model, cfg: ExperimentConfig):
     if cfg.engine.name == "deepspeed":

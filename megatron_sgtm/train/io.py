@@ -5,12 +5,9 @@ Errors from either come back as ``TrainError`` with the package's own message.
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 from typing import Optional
 
-import torch
-import torch.distributed as dist
 
 from ..configbase import config_to_dict
 from .config import ExperimentConfig
@@ -107,17 +104,21 @@ def partition_meta(engine) -> dict:
 
 
 def save(cfg: ExperimentConfig, step: int, engine, extra: dict) -> None:
+    """Checkpoint model, optimizer and this rank's ``extra`` (the checkpoint package adds
+    this rank's RNG states)."""
     ck = _ckpt()
     try:
         ck.save_checkpoint(Path(cfg.checkpoint.dir), step, engine.model,
                            engine.checkpoint_optimizer(), extra, config_to_dict(cfg),
-                           partition_meta(engine), keep_last=cfg.checkpoint.keep_last)
+                           partition_meta(engine), keep_last=cfg.checkpoint.keep_last,
+                           hooks=engine.checkpoint_hooks())
     except ck.CheckpointError as exc:
         raise TrainError(f"checkpoint: {exc}") from None
 
 
 def resume(cfg: ExperimentConfig, engine) -> Optional[dict]:
-    """Load the latest checkpoint (``resume: auto|require``); returns its extra dict."""
+    """Load the latest checkpoint (``resume: auto|require``) and this rank's RNG states;
+    returns its extra dict, or None when starting fresh."""
     if not cfg.checkpoint.dir or cfg.checkpoint.resume == "never":
         return None
     ck = _ckpt()
@@ -128,35 +129,14 @@ def resume(cfg: ExperimentConfig, engine) -> Optional[dict]:
             raise TrainError(f"checkpoint: resume 'require' but {root} holds no checkpoint")
         return None
     try:
-        return ck.load_checkpoint(root, engine.model, engine.checkpoint_optimizer(),
-                                  config_to_dict(cfg), partition_meta(engine))
+        extra = ck.load_checkpoint(latest, engine.model, engine.checkpoint_optimizer(),
+                                   config_to_dict(cfg), partition_meta(engine))
+        engine.after_load(Path(extra.get("checkpoint", latest)))
     except ck.CheckpointError as exc:
         raise TrainError(f"checkpoint: {exc}") from None
-
-
-# Per-rank RNG state lives beside the checkpoints: it differs on every rank, while the
-# checkpoint's metadata is global.
-def _rank_state_path(cfg: ExperimentConfig, step: int) -> Path:
-    return Path(cfg.checkpoint.dir) / "rank_state" / f"step{step:08d}_rank{dist.get_rank()}.pt"
-
-
-def save_rank_state(cfg: ExperimentConfig, step: int, state: dict) -> None:
-    path = _rank_state_path(cfg, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    keep = cfg.checkpoint.keep_last
-    mine = sorted(path.parent.glob(f"step*_rank{dist.get_rank()}.pt"))
-    for old in mine[:-keep - 1]:  # one spare: the checkpoint of `step` may not have landed yet
-        old.unlink(missing_ok=True)
-
-
-def load_rank_state(cfg: ExperimentConfig, step: int) -> Optional[dict]:
-    path = _rank_state_path(cfg, step)
-    if not path.exists():
-        return None
-    return torch.load(path, weights_only=False)
+    if extra.get("rng_state"):
+        ck.restore_rng_state(extra["rng_state"])
+    return extra
 
 
 __all__ = ["check_data", "train_batches", "eval_batches", "save", "resume", "control_ids"]

@@ -25,7 +25,6 @@ from .errors import NonFiniteLoss, TrainError
 from .grads import PartitionNorms
 from .metrics import LabelCounters, MetricsSink
 from .schedule import lr_at
-from .state import rng_state, set_rng_state
 
 
 @dataclass
@@ -101,9 +100,6 @@ def train(cfg: ExperimentConfig) -> TrainResult:
         step, tokens_seen = int(extra["step"]), int(extra["tokens_seen"])
         batches.load_state_dict(extra["data"])
         counters.load_state_dict(extra["counters"])
-        rng = io.load_rank_state(cfg, step)
-        if rng is not None:
-            set_rng_state(rng)
 
     sink = MetricsSink(is_rank0, cfg.run_dir, cfg.logging.wandb, cfg.logging.project,
                        cfg.logging.run_name, config_to_dict(cfg), cfg.logging.progress_bar,
@@ -163,7 +159,6 @@ def train(cfg: ExperimentConfig) -> TrainResult:
             save_now = step == cfg.train.steps or (cfg.checkpoint.save_every
                                                    and step % cfg.checkpoint.save_every == 0)
             if save_now and cfg.checkpoint.dir:
-                io.save_rank_state(cfg, step, rng_state())
                 io.save(cfg, step, engine, {
                     "step": step, "tokens_seen": tokens_seen, "data": batches.state_dict(),
                     "counters": counters.state_dict(), "manifest": io.manifest_summary(manifest)})
