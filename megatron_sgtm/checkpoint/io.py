@@ -188,7 +188,7 @@ def check_compatible(meta: dict, shapes: dict, expected_partition: Optional[dict
 
 
 def load_checkpoint(root_or_dir, model, optimizer, expected_config: Optional[dict],
-                    expected_partition: Optional[dict]) -> dict:
+                    expected_partition: Optional[dict], hooks: Sequence[Any] = ()) -> dict:
     """Load the latest complete checkpoint (or the given one) into ``model``/``optimizer``.
 
     Everything that would make the load wrong (another partition, other tensor shapes, a
@@ -219,6 +219,8 @@ def load_checkpoint(root_or_dir, model, optimizer, expected_config: Optional[dic
         optim.torch_load(optimizer, loaded["optimizer"], common)
     elif kind == "sharded":
         optimizer.load_state_dict(loaded["optimizer"])
+    for hook in hooks:  # the counterpart of save_checkpoint's hooks (e.g. DeepSpeed's files)
+        hook.load(directory)
 
     mine = rank_file(directory, _rank())
     if not mine.exists():  # resumed on more ranks than saved: rank 0's position is global
