@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from _workers_train import losses, train_variants
+import json
+
+from _workers_train import losses, read_metrics, train_variants
 from distributed import run_distributed
 from megatron_sgtm.data.testing import write_sample_shards
 
 STEPS = 10
+METHODS = ["none", "gradient_routing", "activation_masking", "weak_filter", "strict_filter",
+           "slung", "conditional"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,11 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    run_distributed(train_variants, 1, shards, str(root), [("single", STEPS, [])])
+    methods = [(m, 3, [f"data.method={m}"]) for m in METHODS]
+    methods.append(("slung_unlikelihood", 3, ["data.method=slung", "data.slung_mode=unlikelihood"]))
+    results = run_distributed(train_variants, 1, shards, str(root),
+                              [("single", STEPS, [])] + methods)[0]
+    (root / "results.json").write_text(json.dumps(results))
     run_distributed(train_variants, 2, shards, str(root), [
         ("dp2", STEPS, []),
         ("tp2", STEPS, ["tensor_parallel=2"]),
@@ -51,3 +59,32 @@ def test_loss_falls_on_real_text(runs, name):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_zero_matches_default_engine(runs, stage):
     assert losses(runs / f"zero{stage}") == pytest.approx(losses(runs / "dp2"), rel=1e-5)
+
+
+def _last_counts(run_dir):
+    return [r for r in read_metrics(run_dir) if "tokens/forget" in r][-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHODS + ["slung_unlikelihood"])
+def test_every_method_trains(runs, name):
+    results = json.loads((runs / "results.json").read_text())
+    assert "error" not in results[name], results[name]
+    curve = losses(runs / name)
+    assert len(curve) == 3 and all(c == c for c in curve)
+    counts = _last_counts(runs / name)
+    if name == "weak_filter":
+        assert counts["tokens/forget"] == 0 and counts["tokens/unlabeled"] > 0
+    if name == "strict_filter":
+        assert counts["tokens/forget"] == 0
+        assert sum(counts[f"true_adjacent->{a}"] for a in ("unlabeled", "retain", "forget")) == 0
+    if name in ("none", "slung", "conditional"):
+        assert counts["tokens/forget"] > 0  # labels are seen (and counted), not dropped
+
+
+@pytest.mark.slow
+def test_slung_masks_the_loss_of_flagged_tokens(runs):
+    # Forget-labelled targets contribute no loss: the first-step loss (same initial weights,
+    # same batch) is the no-filter loss with those tokens' terms removed.
+    first = {m: losses(runs / m)[0] for m in ("none", "slung")}
+    assert first["slung"] < 0.9 * first["none"]
