@@ -26,9 +26,25 @@ def losses(run_dir: str) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def _drop_latest_checkpoint(ck_dir: str) -> None:
+    """Rank 0 deletes the newest checkpoint, so the next run resumes from the one before."""
+    import shutil
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        newest = sorted(p for p in Path(ck_dir).glob("step_*") if ".tmp" not in p.name)[-1]
+        shutil.rmtree(newest)
+        (Path(ck_dir) / "latest").unlink(missing_ok=True)
+    dist.barrier()
+
+
 def train_variants(rank, world, shards, root, variants):
-    """Train each ``(name, overrides)`` in turn on this process group (TP may change between
-    variants: megatron's groups are rebuilt, torch.distributed's stays)."""
+    """Train each ``(name, steps, overrides[, resume])`` in turn on this process group (TP may
+    change between variants: megatron's groups are rebuilt, torch.distributed's stays).
+
+    With ``resume``, the run checkpoints into ROOT/NAME-ck, then its newest checkpoint is
+    deleted and the same run is started again: it resumes half-way and logs the rest again."""
     from megatron.core import parallel_state as ps
 
     from megatron_sgtm.parallel import init_parallel
@@ -37,15 +53,21 @@ def train_variants(rank, world, shards, root, variants):
     from megatron_sgtm.train.loop import train
 
     out = {}
-    for name, steps, overrides in variants:
+    for name, steps, overrides, *resume in variants:
         run_dir = str(Path(root) / name)
-        cfg = load_experiment(TINY, base_overrides(shards, run_dir, steps) + list(overrides))
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        init_parallel(cfg.tensor_parallel, cfg.train.seed)
-        try:
-            result = train(cfg)
-            out[name] = {"loss": result.last_loss, "eval": result.eval}
-        except TrainError as exc:
-            out[name] = {"error": str(exc), "exit_code": exc.exit_code}
+        extra = list(overrides)
+        if resume and resume[0]:
+            extra += [f"checkpoint.dir={run_dir}-ck", f"checkpoint.save_every={steps // 2}"]
+        cfg = load_experiment(TINY, base_overrides(shards, run_dir, steps) + extra)
+        for attempt in range(2 if resume and resume[0] else 1):
+            if attempt:
+                _drop_latest_checkpoint(cfg.checkpoint.dir)
+            if ps.model_parallel_is_initialized():
+                ps.destroy_model_parallel()
+            init_parallel(cfg.tensor_parallel, cfg.train.seed)
+            try:
+                result = train(cfg)
+                out[name] = {"loss": result.last_loss, "eval": result.eval}
+            except TrainError as exc:
+                out[name] = {"error": str(exc), "exit_code": exc.exit_code}
     return out

@@ -35,6 +35,7 @@ def runs(shards, tmp_path_factory):
         ("tp2", STEPS, ["tensor_parallel=2"]),
         ("zero1", STEPS, ["engine.name=deepspeed", "engine.zero_stage=1"]),
         ("zero2", STEPS, ["engine.name=deepspeed", "engine.zero_stage=2"]),
+        ("zero2_resumed", STEPS, ["engine.name=deepspeed", "engine.zero_stage=2"], True),
     ])
     run_distributed(train_variants, 4, shards, str(root), [("dp2tp2", STEPS, ["tensor_parallel=2"])])
     return root
@@ -88,3 +89,13 @@ def test_slung_masks_the_loss_of_flagged_tokens(runs):
     # same batch) is the no-filter loss with those tokens' terms removed.
     first = {m: losses(runs / m)[0] for m in ("none", "slung")}
     assert first["slung"] < 0.9 * first["none"]
+
+
+@pytest.mark.slow
+def test_deepspeed_resumes_exactly(runs):
+    # Checkpoints at steps 5 and 10; the step-10 one was deleted and the run started again,
+    # so steps 6-10 were trained twice: from memory, and from the step-5 checkpoint.
+    lines = [r for r in read_metrics(runs / "zero2_resumed") if "loss" in r]
+    assert [r["step"] for r in lines] == list(range(1, STEPS + 1)) + list(range(6, STEPS + 1))
+    assert losses(runs / "zero2_resumed") == losses(runs / "zero2")
+    assert [r["loss"] for r in lines[STEPS:]] == [r["loss"] for r in lines[5:STEPS]]
