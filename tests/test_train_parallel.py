@@ -99,3 +99,20 @@ def test_deepspeed_resumes_exactly(runs):
     assert [r["step"] for r in lines] == list(range(1, STEPS + 1)) + list(range(6, STEPS + 1))
     assert losses(runs / "zero2_resumed") == losses(runs / "zero2")
     assert [r["loss"] for r in lines[STEPS:]] == [r["loss"] for r in lines[5:STEPS]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tp2", "dp2tp2"])
+def test_partition_grad_norms_add_up_and_ignore_tp(runs, name):
+    def norms(run):
+        return [(r["grad_norm"], r["grad_norm/forget"], r["grad_norm/retain"], r["grad_norm/joint"])
+                for r in read_metrics(runs / run) if "grad_norm/forget" in r]
+
+    single, other = norms("single"), norms(name)
+    assert len(single) == STEPS
+    for total, forget, retain, joint in single:
+        assert forget > 0 and retain > 0 and joint > 0
+        assert forget ** 2 + retain ** 2 + joint ** 2 == pytest.approx(total ** 2, rel=1e-4)
+    # Sharded tensors counted once per TP group, replicated ones once: same norms at TP=2.
+    flat = [x for row in other for x in row]
+    assert flat == pytest.approx([x for row in single for x in row], rel=1e-4)
