@@ -162,3 +162,38 @@ def reshard_then_roundtrip(rank, world, tp, other_root, root):
     extra = load_checkpoint(other_root, model, opt, config, part)
     resharded = {"full": gathered(model, opt), "extra": extra}
     return {"resharded": resharded, **save_load_roundtrip(rank, world, tp, root)}
+
+
+def single_process(rank, world, root):
+    """World size 1 (as the post tools run): roundtrip, the stored metadata, and a config
+    whose model keys differ while every tensor shape agrees (refused, model untouched)."""
+    import copy
+
+    from megatron_sgtm.checkpoint import CheckpointError, load_checkpoint, read_metadata
+    from megatron_sgtm.checkpoint import save_checkpoint
+    from megatron_sgtm.parallel import init_parallel
+
+    init_parallel(1, 7)
+    root = Path(root)
+    model, opt, config, part = build(1, seed=1)
+    for step in (1, 2):
+        train_step(model, opt, step)
+    save_checkpoint(root, 2, model, opt, {"step": 2, "rank_note": "r0s2"}, config, part, None)
+    fresh, fresh_opt, _, _ = build(1, seed=2)
+    extra = load_checkpoint(root, fresh, fresh_opt, {"core": config}, part)  # nested form too
+
+    before = tree_hash(root)
+    changed = copy.deepcopy(config)
+    changed["model"]["tie_embeddings"] = not changed["model"]["tie_embeddings"]
+    other, other_opt, _, _ = build(1, seed=3)
+    other_params = snapshot(other, other_opt)
+    try:
+        load_checkpoint(root, other, other_opt, changed, part)
+        config_mismatch = None
+    except CheckpointError as exc:
+        config_mismatch = str(exc)
+    untouched = all(torch.equal(v, snapshot(other, other_opt)[k]) for k, v in other_params.items())
+    return {"saved": snapshot(model, opt), "loaded": snapshot(fresh, fresh_opt), "extra": extra,
+            "meta": read_metadata(root / "step_00000002"), "config_mismatch": config_mismatch,
+            "untouched": untouched, "files_same": before == tree_hash(root),
+            "full": gathered(model, opt)}

@@ -1,7 +1,9 @@
-"""Checkpoints on real process groups: TP=2, then DP=2 (world size 2 both), gloo on CPU.
+"""Checkpoints on real process groups, gloo on CPU: one process, then TP=2, then DP=2.
 
-Two spawns in all: the TP=2 run saves, reloads and probes the failure modes; the DP=2 run
-first loads the TP=2 checkpoint (resharding), then repeats the whole roundtrip at TP=1.
+Three spawns in all: the single process saves a TP=1 checkpoint and round-trips it; the TP=2
+run first loads that checkpoint (resharding 1 -> 2), then saves, reloads and probes the
+failure modes; the DP=2 run loads the TP=2 checkpoint (resharding 2 -> 1), then repeats the
+whole roundtrip at TP=1.
 """
 import pytest
 import torch
@@ -11,9 +13,15 @@ import _workers_ckpt as workers
 
 
 @pytest.fixture(scope="module")
-def tp2(tmp_path_factory):
+def single(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt_single")
+    return root, run_distributed(workers.single_process, 1, str(root))[0]
+
+
+@pytest.fixture(scope="module")
+def tp2(single, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt_tp2")
-    return root, run_distributed(workers.save_load_roundtrip, 2, 2, str(root))
+    return root, run_distributed(workers.reshard_then_roundtrip, 2, 2, str(single[0]), str(root))
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,35 @@ def _check_probes(root, results):
     assert r["untouched"] and r["files_same"]
     for rank, res in enumerate(results):
         assert res["extra"]["step"] == 3 and res["extra"]["rank_note"] == f"r{rank}s3"
+
+
+def test_single_process_roundtrip_metadata_and_config_mismatch(single):
+    root, r = single
+    assert r["saved"].keys() == r["loaded"].keys()
+    assert any(k.endswith("exp_avg_sq") for k in r["saved"])
+    for key, value in r["saved"].items():
+        assert torch.equal(value, r["loaded"][key]), key
+    meta = r["meta"]
+    assert meta["step"] == 2 and meta["tp"] == 1 and meta["dp"] == 1
+    assert meta["partition_meta"] == meta["partition"] and meta["partition_meta"]["forget_mlp"]
+    assert meta["extra"] == {"step": 2, "rank_note": "r0s2"}
+    assert meta["config"]["model"]["hidden_size"] == 64
+    assert r["extra"]["checkpoint"] == str(root / "step_00000002")
+    assert "model 'tie_embeddings'" in r["config_mismatch"]
+    assert r["untouched"] and r["files_same"]
+    assert (root / "latest").read_text().strip() == "step_00000002"
+
+
+def test_tp1_checkpoint_loads_at_tp2_with_equal_full_tensors(single, tp2):
+    saved_full = single[1]["full"]
+    for res in tp2[1]:
+        got = res["resharded"]["full"]
+        assert got.keys() == saved_full.keys()
+        assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in got)
+        for key, value in saved_full.items():
+            assert torch.equal(value, got[key]), key
+        # Fewer ranks saved than load: every rank gets rank 0's extra.
+        assert res["resharded"]["extra"]["rank_note"] == "r0s2"
 
 
 def test_tp2_roundtrip_is_bitwise_and_resume_continues_identically(tp2):

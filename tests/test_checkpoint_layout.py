@@ -73,3 +73,18 @@ def test_publish_prune_keep_last_and_resave(tmp_path):
     assert (tmp_path / "step_00000002").exists()
     prune(tmp_path, 1, final)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003"]
+
+
+def test_config_check_compares_model_keys_in_either_nesting():
+    from megatron_sgtm.checkpoint import check_compatible
+
+    model = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 8,
+             "num_query_groups": None, "kv_channels": None, "activation": "gelu",
+             "dropout": 0.0}
+    meta = {"config": {"core": {"model": model}}, "partition": {}, "model_shapes": {}}
+    explicit = dict(model, num_query_groups=8, kv_channels=8, dropout=0.1)  # same model
+    check_compatible(meta, {}, {}, {"model": explicit})
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(meta, {}, {}, {"model": dict(model, activation="relu", num_layers=3)})
+    assert "model 'activation'" in str(err.value) and "model 'num_layers'" in str(err.value)
+    assert "dropout" not in str(err.value)

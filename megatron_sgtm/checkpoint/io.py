@@ -147,9 +147,13 @@ def save_checkpoint(root, step: int, model, optimizer, extra: dict, config: dict
 
     final = root / step_dir_name(step)
     if rank == 0:
+        sizes, versions = _parallel_sizes(), _versions()
         meta = {"format_version": FORMAT_VERSION, "step": int(step), "config": config,
                 "partition": partition_meta, "model_shapes": shapes, "optimizer": kind,
-                "world_size": _world(), **_parallel_sizes(), "versions": _versions()}
+                "world_size": _world(), **sizes, "tp": sizes["tensor_parallel"],
+                "dp": sizes["data_parallel"], "versions": versions,
+                "torch_version": versions["torch"],
+                "megatron_core_version": versions["megatron_core"]}
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True,
                                                       default=str) + "\n")
         publish(tmp, root, step)
@@ -170,16 +174,54 @@ def _diff(expected: dict, stored: dict, what: str) -> list[str]:
     return out
 
 
-def check_compatible(meta: dict, shapes: dict, expected_partition: Optional[dict]) -> None:
+# Model-config keys that change what the weights mean even where tensor shapes agree
+# (activation, positions, tying); other keys (dropout, init, recompute) may change on resume.
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+              "ffn_hidden_size", "vocab_size", "activation", "position_embedding",
+              "tie_embeddings", "output_bias", "kv_channels", "normalization",
+              "add_bias_linear")
+
+
+def _model_section(config) -> Optional[dict]:
+    """The model config inside a stored config: top-level ``model`` or ``core.model``."""
+    if not isinstance(config, dict):
+        return None
+    for node in (config, config.get("core")):
+        if isinstance(node, dict) and isinstance(node.get("model"), dict):
+            return node["model"]
+    return None
+
+
+def _model_keys(model: dict) -> dict:
+    out = {k: model[k] for k in MODEL_KEYS if k in model}
+    # Unset defaults resolve to the same model as their explicit values.
+    heads, hidden = out.get("num_attention_heads"), out.get("hidden_size")
+    if out.get("num_query_groups") is None and heads is not None:
+        out["num_query_groups"] = heads
+    if out.get("kv_channels") is None and heads and hidden:
+        out["kv_channels"] = hidden // heads
+    return out
+
+
+def config_problems(stored_config, expected_config) -> list[str]:
+    stored, expected = _model_section(stored_config), _model_section(expected_config)
+    if stored is None or expected is None:
+        return []  # nothing to compare; tensor shapes and the partition still decide
+    return _diff(_model_keys(expected), _model_keys(stored), "model")
+
+
+def check_compatible(meta: dict, shapes: dict, expected_partition: Optional[dict],
+                     expected_config: Optional[dict] = None) -> None:
     """Raise one CheckpointError listing every difference that makes a load wrong.
 
-    The partition's global forget ids and every tensor's global shape are compared; other
-    config differences (learning rate, steps, dropout) are legitimate on resume, and TP size
-    may differ because dist_checkpointing reshards.
+    The partition's global forget ids, the model-shape keys of the config and every tensor's
+    global shape are compared; other config differences (learning rate, steps, dropout) are
+    legitimate on resume, and TP size may differ because dist_checkpointing reshards.
     """
     problems = []
     if expected_partition is not None:
         problems += _diff(expected_partition, meta.get("partition") or {}, "partition")
+    problems += config_problems(meta.get("config"), expected_config)
     problems += _diff(shapes, meta.get("model_shapes") or {}, "tensor")
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20
@@ -192,8 +234,9 @@ def load_checkpoint(root_or_dir, model, optimizer, expected_config: Optional[dic
     """Load the latest complete checkpoint (or the given one) into ``model``/``optimizer``.
 
     Everything that would make the load wrong (another partition, other tensor shapes, a
-    missing optimizer state) is checked before the model is touched. ``expected_config`` is
-    accepted for the caller's record; the partition ids and tensor shapes decide. Returns this rank's
+    missing optimizer state) is checked before the model is touched: the partition ids, the
+    model-shape keys of ``expected_config`` (``model`` at top level or under ``core``) and
+    every tensor's global shape. Returns this rank's
     ``extra`` with ``step``-independent keys added: ``rng_state`` (this rank's RNG states; pass
     to ``restore_rng_state``) and ``checkpoint`` (the directory loaded).
     """
@@ -201,7 +244,8 @@ def load_checkpoint(root_or_dir, model, optimizer, expected_config: Optional[dic
 
     directory = resolve(root_or_dir)
     meta = read_metadata(directory)
-    check_compatible(meta, model_shapes(model.sharded_state_dict()), expected_partition)
+    check_compatible(meta, model_shapes(model.sharded_state_dict()), expected_partition,
+                     expected_config)
     kind = optim.kind(optimizer)
     if kind != "none" and meta.get("optimizer") != kind:
         raise CheckpointError(f"{directory}: holds optimizer state of kind "

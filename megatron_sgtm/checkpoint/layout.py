@@ -90,7 +90,23 @@ def read_metadata(directory) -> dict:
         raise CheckpointError(f"{path}: unreadable ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not format-{FORMAT_VERSION} checkpoint metadata")
+    meta.setdefault("partition_meta", meta.get("partition"))
+    meta.setdefault("extra", _rank0_extra(directory))
     return meta
+
+
+def _rank0_extra(directory: Path) -> dict:
+    """Rank 0's ``extra`` (without RNG states): the run-wide record callers read."""
+    path = rank_file(directory, 0)
+    if not path.is_file():
+        return {}
+    import torch
+
+    try:
+        saved = torch.load(path, weights_only=False)
+    except Exception as exc:  # a damaged file is a damaged checkpoint, whatever the cause
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    return dict(saved.get("extra") or {}) if isinstance(saved, dict) else {}
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -147,9 +163,10 @@ def publish(tmp: Path, root: Path, step: int) -> Path:
 
 def prune(root: Path, keep_last: Optional[int], current: Path) -> list[Path]:
     """Delete complete checkpoints older than the newest ``keep_last`` and leftovers of
-    interrupted saves. Runs only after ``current`` is complete."""
+    interrupted saves (``.tmp-``) or interrupted same-step replacements (``.old-``). Runs only after ``current`` is complete."""
     removed = []
-    for leftover in root.glob("step_*.tmp-*"):
+    leftovers = list(root.glob("step_*.tmp-*")) + list(root.glob("step_*.old-*"))
+    for leftover in leftovers:
         if leftover != current:
             shutil.rmtree(leftover, ignore_errors=True)
             removed.append(leftover)
