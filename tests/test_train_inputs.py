@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_sgtm.data.testing import write_sample_shards
 from megatron_sgtm.train import cli
@@ -89,3 +90,9 @@ def test_mismatched_label_sidecar(capsys, shards, tmp_path):
 def test_missing_data_dir(capsys, tmp_path):
     code, _, err = sgtm_train(capsys, f"data.dir={tmp_path / 'nope'}")
     assert code == 2 and "error: data:" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on CPU-only machines")
+def test_distributed_optimizer_needs_cuda(capsys, shards):
+    code, _, err = sgtm_train(capsys, f"data.dir={shards}", "engine.distributed_optimizer=true")
+    assert code == 2 and "distributed_optimizer needs CUDA" in err

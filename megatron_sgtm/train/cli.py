@@ -33,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
 def preflight(cfg: ExperimentConfig, nproc: int) -> None:
     """Checks that need no process group: batch plan, shards, resumable checkpoint."""
     cfg.batch_plan(nproc)
+    import importlib.util
+
+    import torch
+
+    if cfg.engine.distributed_optimizer and not torch.cuda.is_available():
+        raise TrainError("engine.distributed_optimizer needs CUDA; turn it off on CPU")
+    if cfg.engine.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise TrainError("engine.name=deepspeed but DeepSpeed is not installed "
+                         "(pip install 'megatron_sgtm[deepspeed]')")
     from .. import data
 
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .config import ExperimentConfig
+from .errors import TrainError
 from .grads import clip_grads, grad_of
 from .schedule import set_lr, torch_adamw
 
@@ -37,10 +38,10 @@ class MegatronEngine:
         self.model = model
         self.cfg = cfg
         self.on_gpu = torch.cuda.is_available()
-        self.module = _ddp(model, cfg, cfg.engine.distributed_optimizer and self.on_gpu)
         if cfg.engine.distributed_optimizer and not self.on_gpu:
-            raise ValueError("engine.distributed_optimizer needs CUDA (megatron's distributed "
+            raise TrainError("engine.distributed_optimizer needs CUDA (megatron's distributed "
                              "optimizer checks for CUDA tensors); turn it off on CPU")
+        self.module = _ddp(model, cfg, cfg.engine.distributed_optimizer)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if self.on_gpu:
             self.optimizer = self._megatron_optimizer()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -128,7 +127,8 @@ def train(cfg: ExperimentConfig) -> TrainResult:
                 loss_sum += loss.detach()
             engine.reduce_grads()
             # Every rank learns the same global loss, so a non-finite one stops all of them
-            # together (one rank stopping alone would hang the others in a collective).
+            # together (one rank stopping alone would hang the others in a collective). This
+            # is the step's one host sync; the optimizer's norm/clip syncs anyway.
             global_loss = float(_dp_mean(loss_sum))
             if not math.isfinite(global_loss):
                 raise NonFiniteLoss(
