@@ -53,7 +53,12 @@ def logged_step(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line]
+    steps = []
+    for line in path.read_text().splitlines():
+        try:  # the writer may be mid-line while we poll
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:
+            pass
     return max(steps, default=0)
 
 
