@@ -161,19 +161,22 @@ def config_from_dict(cls: type[T], data: dict) -> T:
     return obj
 
 
+def read_yaml(path: Path) -> dict:
+    """A YAML file whose top level is a mapping, or one ConfigError saying why not."""
+    if not path.is_file():
+        raise ConfigError([f"config file {path} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping"])
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Load ``cls`` from a YAML file (optional) plus ``key=value`` overrides; validate everything."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"config file {path} does not exist"])
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
-        if not isinstance(data, dict):
-            raise ConfigError([f"{path}: top level must be a mapping"])
+    data = read_yaml(Path(path)) if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides or []))
     return config_from_dict(cls, data)
 
@@ -189,4 +192,5 @@ __all__ = [
     "deep_merge",
     "load_config",
     "parse_overrides",
+    "read_yaml",
 ]

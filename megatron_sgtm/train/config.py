@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 
 from ..config import CoreConfig, ModelConfig, PartitionConfig, RoutingConfig
-from ..configbase import ConfigError, config_from_dict, deep_merge, parse_overrides
+from ..configbase import ConfigError, config_from_dict, deep_merge, parse_overrides, read_yaml
 
 DataMethod = Literal["none", "sgtm", "gradient_routing", "activation_masking", "weak_filter",
                      "strict_filter", "slung", "conditional"]
@@ -179,23 +178,11 @@ class ExperimentConfig:
         return dp, self.train.global_batch_size // per_step
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError([f"config file {path} does not exist"])
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: top level must be a mapping"])
-    return data
-
-
 def _with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError([f"{path}: 'base' includes form a cycle"])
-    data = _read_yaml(path)
+    data = read_yaml(path)
     bases = data.pop("base", None) or []
     merged: dict = {}
     for base in [bases] if isinstance(bases, str) else bases:
