@@ -3,7 +3,8 @@
     sgtm demo [--out runs/demo] [--recipe bilingual|topic] [--budget standard|tiny] [--workers 2]
 
 1. prep the recipe (bilingual: English retain, Spanish forget) and relabel copies per rate;
-2. train no-filter, weak filter, Gradient Routing and SGTM at undiscovered rates 0% and 10%
+2. train no-filter, weak filter, Gradient Routing and SGTM at two undiscovered rates (bilingual:
+   0% and 10%; topic: 20% and 40%, above its classifier's natural ~16% miss rate)
    (two seeds in the standard budget), in worker processes of one thread each;
 3. ablate, calibrate, evaluate: retain/forget loss, forget-domain generation rate
    (py3langid Spanish share for bilingual), compute relative to no-filter;
@@ -57,6 +58,12 @@ BUDGETS = {
 }
 
 
+# Target undiscovered rates per recipe. The topic classifier alone misses ~16% of biology
+# documents and prep never undoes natural errors, so topic targets below that would all
+# realise as the same ~16% labels; its demo sweeps above it instead.
+RATES = {"bilingual": [0.0, 0.1], "topic": [0.2, 0.4]}
+
+
 def demo_spec(recipe: str, budget: str):
     from .study.spec import StudySpec
 
@@ -65,7 +72,7 @@ def demo_spec(recipe: str, budget: str):
         "name": f"demo-{recipe}-{budget}", "recipe": str(ROOT / RECIPES[recipe]),
         "data_overrides": b["data_overrides"], "sizes": b["sizes"],
         "token_budgets": b["token_budgets"], "methods": METHODS,
-        "undiscovered_rates": [0.0, 0.1], "seeds": b["seeds"],
+        "undiscovered_rates": RATES[recipe], "seeds": b["seeds"],
         "train": b["train"], "eval": b["eval"]})
 
 
