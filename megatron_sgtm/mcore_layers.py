@@ -55,6 +55,16 @@ class _RoutedLinearMixin:
             return None
         return routing
 
+    def _routed_gemm(self, megatron_impl, input, weight, args, kwargs, on_rows: bool):
+        """Megatron's own GEMM unless this call's weight gradient must be masked."""
+        routing = self._masks_wgrad_now()
+        if routing is None or not weight.requires_grad:
+            return megatron_impl(input, weight, *args, **kwargs)
+        self._check_supported(kwargs)
+        return self._masked_forward(routing, input, weight, kwargs.get("bias"),
+                                    kwargs.get("allreduce_dgrad", False), kwargs.get("tp_group"),
+                                    on_rows)
+
     def _masked_forward(self, routing, input, weight, bias, allreduce_dgrad, tp_group, on_rows):
         if tp_group is None:
             from megatron.core.utils import get_tensor_model_parallel_group_if_none
@@ -88,13 +98,7 @@ class SGTMColumnParallelLinear(_RoutedLinearMixin, ColumnParallelLinear):
     """qkv / fc1 (and the output layer under mask-embeddings): masks retain-row wgrad."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        routing = self._masks_wgrad_now()
-        if routing is None or not weight.requires_grad:
-            return super()._forward_impl(input, weight, *args, **kwargs)
-        self._check_supported(kwargs)
-        return self._masked_forward(routing, input, weight, kwargs.get("bias"),
-                                    kwargs.get("allreduce_dgrad", False), kwargs.get("tp_group"),
-                                    on_rows=True)
+        return self._routed_gemm(super()._forward_impl, input, weight, args, kwargs, on_rows=True)
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         output, bias = super().forward(input_, weight=weight,
@@ -111,13 +115,8 @@ class SGTMRowParallelLinear(_RoutedLinearMixin, RowParallelLinear):
         if routing is not None and (rule.retain_path_zeroing or rule.forget_token_gate):
             input = gate_row_input(input, routing, self._sgtm_units,
                                    rule.retain_path_zeroing, rule.forget_token_gate)
-        routing = self._masks_wgrad_now()
-        if routing is None or not weight.requires_grad:
-            return super()._forward_impl(input, weight, *args, **kwargs)
-        self._check_supported(kwargs)
-        return self._masked_forward(routing, input, weight, kwargs.get("bias"),
-                                    kwargs.get("allreduce_dgrad", False), kwargs.get("tp_group"),
-                                    on_rows=False)
+        return self._routed_gemm(super()._forward_impl, input, weight, args, kwargs,
+                                 on_rows=False)
 
     def forward(self, input_):
         output, bias = super().forward(input_)
