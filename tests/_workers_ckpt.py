@@ -80,6 +80,20 @@ def gathered(model, opt=None) -> dict:
     return out
 
 
+def refused_load(root, model, opt, config, partition):
+    """(error message or None, whether model and optimizer stayed untouched) of a load."""
+    from megatron_sgtm.checkpoint import CheckpointError, load_checkpoint
+
+    before = snapshot(model, opt)
+    try:
+        load_checkpoint(root, model, opt, config, partition)
+        message = None
+    except CheckpointError as exc:
+        message = str(exc)
+    after = snapshot(model, opt)
+    return message, all(torch.equal(v, after[k]) for k, v in before.items())
+
+
 def tree_hash(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(Path(root).rglob("*")):
@@ -129,19 +143,9 @@ def save_load_roundtrip(rank, world, tp, root):
     # Another partition (or model shape): refused before touching the model; files untouched.
     before = tree_hash(root / "step_00000003")
     other, other_opt, other_cfg, other_part = build(tp, seed=3, forget_heads=4)
-    other_params = snapshot(other, other_opt)
-    try:
-        load_checkpoint(root, other, other_opt, other_cfg, other_part)
-        mismatch = None
-    except CheckpointError as exc:
-        mismatch = str(exc)
-    untouched = all(torch.equal(v, snapshot(other, other_opt)[k]) for k, v in other_params.items())
+    mismatch, untouched = refused_load(root, other, other_opt, other_cfg, other_part)
     wide, wide_opt, wide_cfg, wide_part = build(tp, seed=3, ffn=256)
-    try:
-        load_checkpoint(root, wide, wide_opt, wide_cfg, wide_part)
-        shape_mismatch = None
-    except CheckpointError as exc:
-        shape_mismatch = str(exc)
+    shape_mismatch, _ = refused_load(root, wide, wide_opt, wide_cfg, wide_part)
     after = tree_hash(root / "step_00000003")
     torch.distributed.barrier()
     return {"saved": saved, "loaded": loaded, "continued": continued, "extra": extra,
@@ -186,13 +190,7 @@ def single_process(rank, world, root):
     changed = copy.deepcopy(config)
     changed["model"]["tie_embeddings"] = not changed["model"]["tie_embeddings"]
     other, other_opt, _, _ = build(1, seed=3)
-    other_params = snapshot(other, other_opt)
-    try:
-        load_checkpoint(root, other, other_opt, changed, part)
-        config_mismatch = None
-    except CheckpointError as exc:
-        config_mismatch = str(exc)
-    untouched = all(torch.equal(v, snapshot(other, other_opt)[k]) for k, v in other_params.items())
+    config_mismatch, untouched = refused_load(root, other, other_opt, changed, part)
     return {"saved": snapshot(model, opt), "loaded": snapshot(fresh, fresh_opt), "extra": extra,
             "meta": read_metadata(root / "step_00000002"), "config_mismatch": config_mismatch,
             "untouched": untouched, "files_same": before == tree_hash(root),
