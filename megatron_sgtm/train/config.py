@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 
-from ..config import CoreConfig, ModelConfig, PartitionConfig, RoutingConfig
+from ..config import CoreConfig
 from ..configbase import ConfigError, config_from_dict, deep_merge, parse_overrides, read_yaml
 
 DataMethod = Literal["none", "sgtm", "gradient_routing", "activation_masking", "weak_filter",
@@ -128,11 +128,9 @@ class EngineConfig:
 
 
 @dataclass
-class ExperimentConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    tensor_parallel: int = 1
+class ExperimentConfig(CoreConfig):
+    """CoreConfig (model, partition, routing, tensor_parallel) plus how to train it."""
+
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -149,7 +147,7 @@ class ExperimentConfig:
         return self.logging.run_dir or self.checkpoint.dir
 
     def problems(self) -> list[str]:
-        out = list(self.core.problems())
+        out = super().problems()
         expected = ROUTING_OF[self.data.method]
         if self.routing.method != expected:
             out.append(f"routing.method {self.routing.method!r} disagrees with data.method "
