@@ -106,7 +106,7 @@ def tree_hash(root: Path) -> str:
 def save_load_roundtrip(rank, world, tp, root):
     """Train, save three times (keep 2), reload into a fresh model, compare bitwise; then
     continue one step from both and compare again; then the failure modes."""
-    from megatron_sgtm.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
+    from megatron_sgtm.checkpoint import (latest_checkpoint, load_checkpoint,
                                           read_metadata, restore_rng_state, save_checkpoint)
     from megatron_sgtm.parallel import init_parallel
 
@@ -173,7 +173,7 @@ def single_process(rank, world, root):
     whose model keys differ while every tensor shape agrees (refused, model untouched)."""
     import copy
 
-    from megatron_sgtm.checkpoint import CheckpointError, load_checkpoint, read_metadata
+    from megatron_sgtm.checkpoint import load_checkpoint, read_metadata
     from megatron_sgtm.checkpoint import save_checkpoint
     from megatron_sgtm.parallel import init_parallel
 
