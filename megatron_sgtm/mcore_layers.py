@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
 from . import routing as routing_mod
@@ -57,6 +58,17 @@ class _RoutedLinearMixin:
 
     def _routed_gemm(self, megatron_impl, input, weight, args, kwargs, on_rows: bool):
         """Megatron's own GEMM unless this call's weight gradient must be masked."""
+        if kwargs.get("tp_group") is None:
+            # Megatron's row layer passes tp_group=None, and resolving None on every call
+            # emits a deprecation warning, which torch.compile cannot trace: each layer's
+            # graph would break there. The layer's own group is the same group.
+            kwargs = {**kwargs, "tp_group": self.tp_group}
+        if kwargs.get("allreduce_dgrad") and torch.compiler.is_compiling():
+            # The column layers all-reduce the input gradient asynchronously inside their
+            # backward, which torch.compile cannot trace (the layer would run eagerly). The
+            # same sum as a separate, synchronous autograd op traces.
+            input = copy_to_tensor_model_parallel_region(input, group=kwargs["tp_group"])
+            kwargs = {**kwargs, "allreduce_dgrad": False}
         routing = self._masks_wgrad_now()
         if routing is None or not weight.requires_grad:
             return megatron_impl(input, weight, *args, **kwargs)
@@ -66,9 +78,6 @@ class _RoutedLinearMixin:
                                     on_rows)
 
     def _masked_forward(self, routing, input, weight, bias, allreduce_dgrad, tp_group, on_rows):
-        if tp_group is None:
-            from megatron.core.utils import get_tensor_model_parallel_group_if_none
-            tp_group = get_tensor_model_parallel_group_if_none(None)
         device = input.device
         return MaskedWgradLinear.apply(
             input, weight, bias, routing.kept_index(device), routing.forget_index(device),
