@@ -33,8 +33,9 @@ class ModelConfig:
     # Per-head width. None means hidden_size / num_attention_heads; set explicitly when heads
     # do not divide hidden_size (e.g. a pruned model with forget heads removed).
     kv_channels: Optional[int] = None
-    # Parameter dtype. "bf16" keeps fp32 main grads in the optimizer (GPU only).
-    params_dtype: Literal["fp32", "bf16"] = "fp32"
+    # Parameter dtype. "bf16" keeps fp32 main grads and params in megatron's optimizer (GPU
+    # only). "auto": bf16 when CUDA is present, fp32 on CPU (bf16 matmuls are slow on CPUs).
+    params_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     # "selective" recomputes core attention only. "full" is refused: it would re-run block
     # forwards in backward, after the per-micro-batch routing context has moved on.
     activation_recompute: Literal["none", "selective"] = "none"
@@ -42,6 +43,12 @@ class ModelConfig:
     @property
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    def dtype_on(self, cuda: bool) -> Literal["fp32", "bf16"]:
+        """The parameter dtype this config resolves to with or without CUDA."""
+        if self.params_dtype == "auto":
+            return "bf16" if cuda else "fp32"
+        return self.params_dtype
 
     @property
     def head_dim(self) -> int:

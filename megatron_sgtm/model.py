@@ -39,6 +39,7 @@ _NORM_PATH = re.compile(r"decoder\.layers\.(\d+)\.(input_layernorm|pre_mlp_layer
 
 def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool) -> TransformerConfig:
     swiglu = model.activation == "swiglu"
+    bf16 = model.dtype_on(use_gpu) == "bf16"
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -54,8 +55,8 @@ def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool) -> Transfo
         attention_dropout=model.dropout,
         init_method_std=model.init_std,
         tensor_model_parallel_size=tp,
-        params_dtype=torch.bfloat16 if model.params_dtype == "bf16" else torch.float32,
-        bf16=model.params_dtype == "bf16",
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
         use_cpu_initialization=not use_gpu,
         perform_initialization=True,
         # The SGTM wgrad mask replaces megatron's GEMM; the fused accumulation would skip it.

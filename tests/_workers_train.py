@@ -71,3 +71,21 @@ def train_variants(rank, world, shards, root, variants):
             except TrainError as exc:
                 out[name] = {"error": str(exc), "exit_code": exc.exit_code}
     return out
+
+
+def train_compiled(rank, world, shards, root, backend):
+    """The same run eager, then under torch.compile; the compiled run's graph-break count and
+    number of compiled graphs come back with the losses (read from dynamo's counters)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    out = train_variants(rank, world, shards, root, [
+        ("eager", 6, ["tensor_parallel=2", "train.compile=false"])])
+    torch._dynamo.reset()
+    counters.clear()
+    out.update(train_variants(rank, world, shards, root, [
+        ("compiled", 6, ["tensor_parallel=2", "train.compile=true",
+                         f"train.compile_backend={backend}"])]))
+    out["graph_breaks"] = sum(counters["graph_break"].values())
+    out["unique_graphs"] = counters["stats"]["unique_graphs"]
+    return out

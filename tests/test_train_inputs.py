@@ -96,3 +96,22 @@ def test_missing_data_dir(capsys, tmp_path):
 def test_distributed_optimizer_needs_cuda(capsys, shards):
     code, _, err = sgtm_train(capsys, f"data.dir={shards}", "engine.distributed_optimizer=true")
     assert code == 2 and "distributed_optimizer needs CUDA" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on CPU-only machines")
+def test_bf16_params_need_cuda(capsys, shards):
+    code, _, err = sgtm_train(capsys, f"data.dir={shards}", "model.params_dtype=bf16")
+    assert code == 2 and "params_dtype bf16 needs CUDA" in err
+
+
+def test_unknown_compile_backend(capsys, shards, tmp_path):
+    # Reaches the trainer: the backend list is torch's, read when the model is compiled.
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29741", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "megatron_sgtm.train", "--config", TINY,
+                           f"data.dir={shards}", f"logging.run_dir={tmp_path}", "checkpoint.dir=",
+                           "train.compile=true", "train.compile_backend=no_such_backend",
+                           "logging.wandb=off", "logging.progress_bar=false"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "'no_such_backend' is not a torch.compile backend" in proc.stderr

@@ -37,8 +37,9 @@ def preflight(cfg: ExperimentConfig, nproc: int) -> None:
 
     import torch
 
-    if cfg.engine.distributed_optimizer and not torch.cuda.is_available():
-        raise TrainError("engine.distributed_optimizer needs CUDA; turn it off on CPU")
+    from .fastpath import check_device
+
+    check_device(cfg, torch.cuda.is_available())
     if cfg.engine.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise TrainError("engine.name=deepspeed but DeepSpeed is not installed "
                          "(pip install 'megatron_sgtm[deepspeed]')")

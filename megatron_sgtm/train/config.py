@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 
 from ..config import CoreConfig
@@ -68,6 +68,13 @@ class TrainConfig:
     log_every: int = 10
     # Intra-op threads per process on CPU; fixed so CPU runs are reproducible bit for bit.
     threads: int = 1
+    # torch.compile the model. Unset: on with CUDA, off on CPU (where compiling a step takes
+    # longer than a short CPU run saves).
+    compile: Optional[bool] = None
+    compile_backend: str = "inductor"
+
+    def compile_on(self, cuda: bool) -> bool:
+        return cuda if self.compile is None else self.compile
 
     def problems(self) -> list[str]:
         out = []

@@ -62,7 +62,7 @@ def ds_config(cfg: ExperimentConfig, dp: int, accum: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": cfg.model.params_dtype == "bf16"},
+        "bf16": {"enabled": cfg.model.dtype_on(torch.cuda.is_available()) == "bf16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -1,8 +1,11 @@
 """The one place that picks how gradients are reduced and parameters updated.
 
 - GPU, ``engine.name: megatron``: megatron-core ``DistributedDataParallel`` (fp32 main grads)
-  and ``get_megatron_optimizer`` (fused AdamW, bf16 params with fp32 main params when
-  ``model.params_dtype`` is bf16, distributed optimizer optional, megatron's TP-aware clip).
+  and ``get_megatron_optimizer`` (bf16 params with fp32 main params unless ``model.params_dtype``
+  says fp32; distributed optimizer optional). Its AdamW is TE's or apex's fused one when
+  installed, else torch's AdamW switched to the fused kernel. Clipping is ours (a device-side
+  coefficient, no host sync) except under the distributed optimizer, whose sharded grads only
+  megatron's clip can measure (it reads the norm on the host once per step).
 - CPU, ``engine.name: megatron``: the same megatron DDP for the data-parallel all-reduce, but a
   torch AdamW and our TP-aware clip, because megatron's optimizer checks for CUDA tensors.
 - ``engine.name: deepspeed``: ZeRO-1/2 (``deepspeed_engine.py``).
@@ -15,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from .config import ExperimentConfig
-from .errors import TrainError
 from .grads import clip_grads, grad_of
 from .schedule import set_lr, torch_adamw
 
@@ -38,9 +40,6 @@ class MegatronEngine:
         self.model = model
         self.cfg = cfg
         self.on_gpu = torch.cuda.is_available()
-        if cfg.engine.distributed_optimizer and not self.on_gpu:
-            raise TrainError("engine.distributed_optimizer needs CUDA (megatron's distributed "
-                             "optimizer checks for CUDA tensors); turn it off on CPU")
         self.module = _ddp(model, cfg, cfg.engine.distributed_optimizer)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if self.on_gpu:
@@ -51,13 +50,18 @@ class MegatronEngine:
     def _megatron_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        t, bf16 = self.cfg.train, self.cfg.model.params_dtype == "bf16"
+        t, bf16 = self.cfg.train, self.cfg.model.dtype_on(cuda=True) == "bf16"
+        self.own_clip = not self.cfg.engine.distributed_optimizer
         config = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-            adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_eps=t.eps, clip_grad=t.grad_clip,
+            adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_eps=t.eps,
+            clip_grad=0.0 if self.own_clip else t.grad_clip,
             bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=self.cfg.engine.distributed_optimizer)
-        return get_megatron_optimizer(config, [self.module])
+        optimizer = get_megatron_optimizer(config, [self.module])
+        for inner in _torch_optimizers(optimizer):
+            _switch_to_fused(inner)
+        return optimizer
 
     def zero_grad(self) -> None:
         self.module.zero_grad_buffer()
@@ -76,12 +80,17 @@ class MegatronEngine:
 
     def step(self, lr: float) -> torch.Tensor:
         if self.on_gpu:
+            # Clipping the model's fp32 main grads before megatron copies them to its main
+            # params is the same as clipping those copies.
+            norm = clip_grads(self.params, self.cfg.train.grad_clip) if self.own_clip else None
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
                 if "wd_mult" in group:  # megatron's groups carry the no-decay rule this way
                     group["weight_decay"] = self.cfg.train.weight_decay * group["wd_mult"]
-            _, norm, _ = self.optimizer.step()
-            return torch.as_tensor(float("nan") if norm is None else norm)
+            _, megatron_norm, _ = self.optimizer.step()
+            if norm is not None:
+                return norm
+            return torch.as_tensor(float("nan") if megatron_norm is None else megatron_norm)
         norm = clip_grads(self.params, self.cfg.train.grad_clip)
         for p in self.params:
             p.grad = grad_of(p)
@@ -98,6 +107,24 @@ class MegatronEngine:
 
     def after_load(self, directory) -> None:
         pass
+
+
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside megatron's wrapper (chained or single)."""
+    wrappers = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [w.optimizer for w in wrappers if getattr(w, "optimizer", None) is not None]
+
+
+def _switch_to_fused(optimizer) -> None:
+    """Without TE or apex, megatron falls back to torch's AdamW with its default multi-tensor
+    path; the fused kernel is one launch per step instead of several per tensor group. The
+    flag is read at every step, and the step counters it needs on the device are created at
+    the first step, so switching before any step is complete."""
+    if type(optimizer) is not torch.optim.AdamW or optimizer.state:
+        return
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, False
+    optimizer.defaults.update(fused=True, foreach=False)
 
 
 def build_engine(model, cfg: ExperimentConfig):

@@ -6,7 +6,6 @@ mean over the global batch whatever the DP x accumulation split.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,7 +20,9 @@ from .batches import InputBuilder
 from .config import ExperimentConfig
 from .engine import build_engine
 from .errors import NonFiniteLoss, TrainError
+from .fastpath import check_device, compile_model
 from .grads import PartitionNorms
+from .losswatch import LossWatch
 from .metrics import LabelCounters, MetricsSink
 from .schedule import lr_at
 
@@ -38,13 +39,6 @@ def _device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _dp_mean(value: torch.Tensor) -> torch.Tensor:
-    if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(value, group=ps.get_data_parallel_group())
-        value = value / ps.get_data_parallel_world_size()
-    return value
 
 
 @torch.no_grad()
@@ -74,6 +68,24 @@ def evaluate(engine, cfg: ExperimentConfig, builder: InputBuilder, dp_rank: int,
     return out
 
 
+def accumulate_grads(engine, builder: InputBuilder, micro_batches: list[dict],
+                     device: torch.device) -> torch.Tensor:
+    """Forward and backward every micro-batch of one step under its routing, then reduce the
+    gradients over data parallelism. Returns this rank's step loss, still on the device."""
+    engine.zero_grad()
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for micro, batch in enumerate(micro_batches):
+        inputs = builder(batch)
+        with route(inputs.routing_labels, device=device):
+            token_loss = engine.module(inputs.tokens, inputs.position_ids, None,
+                                       labels=inputs.targets)
+        loss = builder.loss(token_loss, inputs) / len(micro_batches)
+        engine.backward(loss, last=micro == len(micro_batches) - 1)
+        loss_sum += loss.detach()
+    engine.reduce_grads()
+    return loss_sum
+
+
 def train(cfg: ExperimentConfig) -> TrainResult:
     """Train under an initialised process group (see ``run.main``)."""
     world = dist.get_world_size()
@@ -86,7 +98,9 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     batches = io.train_batches(cfg, dp_rank, dp_size)
     from ..model import build_model
 
+    check_device(cfg, device.type == "cuda")
     model = build_model(cfg.core)
+    compiled = compile_model(model, cfg.train, device)
     engine = build_engine(model, cfg)
     builder = InputBuilder(cfg, device, io.control_ids(manifest, cfg))
     counters = LabelCounters()
@@ -105,59 +119,49 @@ def train(cfg: ExperimentConfig) -> TrainResult:
                        cfg.train.steps, step)
     if extra is not None:
         sink.message(f"resumed from step {step}")
+    if compiled:
+        sink.message(f"torch.compile ({cfg.train.compile_backend}): the first steps compile")
+    watch = LossWatch(ps.get_data_parallel_group(), dp_size, cfg.checkpoint.dir)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     iterator = iter(batches)
     model.train()
-    last_loss, eval_out = float("nan"), {}
+    last_loss, eval_out, since_log = float("nan"), {}, []
     t_log, tok_log = time.perf_counter(), tokens_seen
     try:
         while step < cfg.train.steps:
             lr = lr_at(step, cfg.train)
-            engine.zero_grad()
-            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-            for micro in range(accum):
-                batch = next(iterator)
+            micro_batches = [next(iterator) for _ in range(accum)]
+            for batch in micro_batches:
                 counters.add(batch)
-                inputs = builder(batch)
-                with route(inputs.routing_labels):
-                    token_loss = engine.module(inputs.tokens, inputs.position_ids, None,
-                                               labels=inputs.targets)
-                loss = builder.loss(token_loss, inputs) / accum
-                engine.backward(loss, last=micro == accum - 1)
-                loss_sum += loss.detach()
-            engine.reduce_grads()
-            # Every rank learns the same global loss, so a non-finite one stops all of them
-            # together (one rank stopping alone would hang the others in a collective). This
-            # is the step's one host sync; the optimizer's norm/clip syncs anyway.
-            global_loss = float(_dp_mean(loss_sum))
-            if not math.isfinite(global_loss):
-                raise NonFiniteLoss(
-                    f"loss is {global_loss} at step {step + 1}; stopping without saving "
-                    f"(the last good checkpoint stays in {cfg.checkpoint.dir or '(none)'}); "
-                    "lower train.lr or check the data")
+            loss_sum = accumulate_grads(engine, builder, micro_batches, device)
             log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
             norms = part_norms.norms() if (log_now and part_norms is not None) else {}
             grad_norm = engine.step(lr)
             step += 1
             tokens_seen += tokens_per_step
-            last_loss = global_loss
-            sink.step(step, tokens_seen, global_loss)
+            # The loss stays on the device until a log, eval or save reads it (losswatch.py).
+            watch.add(step, loss_sum)
+            eval_now = step == cfg.train.steps or (cfg.train.eval_every
+                                                   and step % cfg.train.eval_every == 0)
+            save_now = step == cfg.train.steps or (cfg.checkpoint.save_every
+                                                   and step % cfg.checkpoint.save_every == 0)
+            if log_now or eval_now or save_now:
+                since_log += watch.read()
+                last_loss = watch.last
+            sink.step(step, tokens_seen, last_loss if log_now else None)
             if log_now:
                 now = time.perf_counter()
-                record = {"step": step, "loss": global_loss, "lr": lr,
+                record = {"step": step, "loss": last_loss,
+                          "loss_mean_since_log": sum(since_log) / len(since_log), "lr": lr,
                           "grad_norm": float(grad_norm), "tokens_seen": tokens_seen,
                           "tokens_per_s": (tokens_seen - tok_log) / max(now - t_log, 1e-9),
                           **norms, **counters.reduced(ps.get_data_parallel_group())}
-                t_log, tok_log = now, tokens_seen
+                t_log, tok_log, since_log = now, tokens_seen, []
                 sink.log(record)
-            eval_now = step == cfg.train.steps or (cfg.train.eval_every
-                                                   and step % cfg.train.eval_every == 0)
             if eval_now and cfg.data.eval_batches:
                 eval_out = evaluate(engine, cfg, builder, dp_rank, dp_size)
                 if eval_out:
                     sink.log({"step": step, **eval_out})
-            save_now = step == cfg.train.steps or (cfg.checkpoint.save_every
-                                                   and step % cfg.checkpoint.save_every == 0)
             if save_now and cfg.checkpoint.dir:
                 io.save(cfg, step, engine, {
                     "step": step, "tokens_seen": tokens_seen, "data": batches.state_dict(),
@@ -167,4 +171,4 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     return TrainResult(step=step, tokens_seen=tokens_seen, last_loss=last_loss, eval=eval_out)
 
 
-__all__ = ["train", "evaluate", "TrainResult", "TrainError", "NonFiniteLoss"]
+__all__ = ["train", "evaluate", "accumulate_grads", "TrainResult", "TrainError", "NonFiniteLoss"]

@@ -1,0 +1,43 @@
+"""The speed settings a training run resolves at start: parameter dtype and torch.compile.
+
+Both default to the fast choice for the device ("auto" dtype and unset ``train.compile``):
+bf16 params and a compiled model with CUDA; fp32 and eager on CPU, where bf16 matmuls are slow
+and compiling takes longer than a short run saves.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ExperimentConfig, TrainConfig
+from .errors import TrainError
+
+
+def check_device(cfg: ExperimentConfig, cuda: bool) -> None:
+    """Settings that only megatron's CUDA optimizers implement are refused without CUDA."""
+    if cuda:
+        return
+    if cfg.model.params_dtype == "bf16":
+        raise TrainError("model.params_dtype bf16 needs CUDA (megatron's mixed-precision "
+                         "optimizer keeps its fp32 main params there); use auto or fp32 on CPU")
+    if cfg.engine.distributed_optimizer:
+        raise TrainError("engine.distributed_optimizer needs CUDA (megatron's distributed "
+                         "optimizer checks for CUDA tensors); turn it off on CPU")
+
+
+def compile_model(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> bool:
+    """Compile ``model`` in place when the config (or the device default) asks; say if it did.
+
+    In place (``nn.Module.compile``), so megatron DDP, DeepSpeed and checkpoints keep seeing the
+    same module with the same parameter names. The routing context is read inside the compiled
+    forward as plain bools (see ``routing.py``), so label patterns cost a few graphs, not one
+    per step."""
+    if not train.compile_on(device.type == "cuda"):
+        return False
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if train.compile_backend not in known:
+        raise TrainError(f"train.compile_backend {train.compile_backend!r} is not a "
+                         f"torch.compile backend; known: {', '.join(sorted(known))}")
+    model.compile(backend=train.compile_backend)
+    return True
