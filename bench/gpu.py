@@ -1,11 +1,15 @@
 """One-call GPU benchmark: tokens/s, MFU and peak memory at the paper's shapes and micro-batch.
 
 For each shape it times, in the same process:
-  - ours, SGTM on   (megatron-core GPTModel + SGTM linears, mixed labels every step)
-  - ours, masking off (the same model class, routing method 'none')
-  - a plain SDPA GPT reference built here (same width, depth, vocab, tied embeddings)
-all with bf16 autocast, fused AdamW and (by default) torch.compile, and prints a short table
-last. JSON goes to $OUT/gpu_bench.json (or --json).
+  - SGTM on: the `sgtm train` step itself (megatron-core GPTModel with SGTM linears, megatron
+    DDP and optimizer, bf16 params with fp32 main grads, fused AdamW, torch.compile), on a
+    micro-batch mixing forget, retain-path and unlabelled sequences;
+  - masking off: the same step with routing method 'none';
+  - reference: a plain SDPA GPT built here (same width, depth, vocab, tied embeddings) with
+    bf16 autocast, fp32 params, fused AdamW and torch.compile.
+If the trainer's step fails, a plain-loop row of the same model follows the error row. Each row
+also counts host-device synchronisations per step (CUDA sync debug mode). It prints a short
+table last; JSON goes to $OUT/gpu_bench.json (or --json).
 
     python bench/gpu.py                      # 64M and 254M, paper micro-batches (GPU)
     python bench/gpu.py --tiny --device cpu --no-compile --steps 2   # CPU smoke check
@@ -76,59 +80,132 @@ def reference_gpt(shape, vocab):
     return model
 
 
-def our_gpt(shape, vocab, method):
-    from megatron_sgtm.config import CoreConfig, ModelConfig, PartitionConfig, RoutingConfig
-    from megatron_sgtm.model import build_model
+def experiment(shape, vocab, method: str, args):
+    """The training config `sgtm train` would run for this shape (defaults: bf16 params with
+    CUDA, compile on with CUDA), built in memory; the data directory is never read."""
+    from megatron_sgtm.config import ModelConfig, PartitionConfig, RoutingConfig
+    from megatron_sgtm.train.config import ROUTING_OF, DataConfig, ExperimentConfig, TrainConfig
 
-    core = CoreConfig(
+    return ExperimentConfig(
         model=ModelConfig(num_layers=shape["layers"], hidden_size=shape["hidden"],
                           num_attention_heads=shape["heads"], ffn_hidden_size=shape["ffn"],
                           vocab_size=vocab, seq_length=shape["seq"]),
         partition=PartitionConfig(forget_heads=1, forget_mlp_units=min(64, shape["ffn"] // 4),
                                   placement="last"),
-        routing=RoutingConfig(method=method))
-    return build_model(core)
+        routing=RoutingConfig(method=ROUTING_OF[method]),
+        data=DataConfig(dir="(synthetic batches)", method=method),
+        train=TrainConfig(micro_batch_size=shape["batch"], global_batch_size=shape["batch"],
+                          compile=args.compile))
 
 
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def run_variant(name, shape, vocab, args, device):
+def synthetic_batch(shape, vocab) -> dict:
+    """A loader batch (host tensors) with the paper's bilingual mix: about a quarter of the
+    sequences forget-labelled, a tenth retain-path, the rest unlabelled."""
     import torch
 
+    b, s = shape["batch"], shape["seq"]
+    tokens = torch.randint(0, vocab, (b, s + 1))
+    n_forget, n_retain = max(1, b // 4), max(1, b // 10)
+    per_seq = torch.tensor([2] * n_forget + [1] * n_retain + [0] * (b - n_forget - n_retain))
+    labels = per_seq.unsqueeze(1).expand(b, s).contiguous()
+    return {"tokens": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous(),
+            "routing_labels": labels, "applied_label": labels, "true_domain": labels}
+
+
+def engine_step(name, shape, vocab, args, device):
+    """One `sgtm train` optimizer step: model, compile, engine and step code of the trainer."""
+
+    from megatron_sgtm.model import build_model
+    from megatron_sgtm.train.batches import InputBuilder
+    from megatron_sgtm.train.engine import build_engine
+    from megatron_sgtm.train.fastpath import compile_model
+    from megatron_sgtm.train.loop import accumulate_grads
+
+    cfg = experiment(shape, vocab, "sgtm" if name == "SGTM on" else "none", args)
+    model = build_model(cfg.core)
+    compile_model(model, cfg.train, device)
+    engine = build_engine(model, cfg)
+    builder = InputBuilder(cfg, device)
+    batch = synthetic_batch(shape, vocab)
+    model.train()
+
+    def step():
+        loss = accumulate_grads(engine, builder, [batch], device)
+        engine.step(cfg.train.lr)
+        return loss
+
+    return model, step
+
+
+def plain_step(name, shape, vocab, args, device):
+    """The reference GPT (or, as a fallback, our model) in a hand-written step: bf16 autocast,
+    fp32 params, fused AdamW."""
+    import torch
+
+    from megatron_sgtm.config import CoreConfig
+    from megatron_sgtm.model import build_model
     from megatron_sgtm.routing import route
 
-    torch.manual_seed(0)
     if name == "reference":
         model = reference_gpt(shape, vocab).to(device)
     else:
-        model = our_gpt(shape, vocab, "sgtm" if name == "SGTM on" else "none").to(device)
-    params = param_count(model)
+        cfg = experiment(shape, vocab, "sgtm" if name.startswith("SGTM on") else "none", args)
+        cfg.model.params_dtype = "fp32"
+        model = build_model(CoreConfig(cfg.model, cfg.partition, cfg.routing))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model
-    b, s = shape["batch"], shape["seq"]
-    tokens = torch.randint(0, vocab, (b, s + 1), device=device)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    batch = synthetic_batch(shape, vocab)
+    inputs, targets = batch["tokens"].to(device), batch["targets"].to(device)
+    b, s = inputs.shape
     pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-    # The paper's bilingual mix: about a quarter forget-labelled, a tenth retain-path.
-    n_forget, n_retain = max(1, b // 4), max(1, b // 10)
-    labels = torch.tensor([2] * n_forget + [1] * n_retain + [0] * (b - n_forget - n_retain))
-    labels = labels.unsqueeze(1).expand(b, s)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if name == "reference":
                 loss = step_model(inputs, targets)
             else:
-                with route(labels, device=device):
+                with route(batch["routing_labels"], device=device):
                     loss = step_model(inputs, pos, None, labels=targets).float().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
+    return model, step
+
+
+def host_syncs_per_step(step, device, steps: int = 3):
+    """CUDA's sync debug mode flags every host-device synchronisation a step makes."""
+    import warnings
+
+    import torch
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    flagged = [str(w.message).splitlines()[0] for w in caught
+               if "synchroniz" in str(w.message).lower()]
+    return {"per_step": len(flagged) / steps, "first": flagged[:3]}
+
+
+def run_variant(name, shape, vocab, args, device):
+    import torch
+
+    torch.manual_seed(0)
+    build = plain_step if name == "reference" or "plain loop" in name else engine_step
+    model, step = build(name, shape, vocab, args, device)
+    params = sum(p.numel() for p in model.parameters())
+    b, s = shape["batch"], shape["seq"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -142,19 +219,52 @@ def run_variant(name, shape, vocab, args, device):
         loss = step()
     sync()
     elapsed = time.perf_counter() - t0
-    tok_s = args.steps * b * s / elapsed
     # 6N per token for the dense GEMMs plus the attention score/value products.
     flops_per_token = 6 * params + 12 * shape["layers"] * shape["hidden"] * s
     result = {
-        "variant": name, "params": params, "tokens_per_s": tok_s,
-        "flops_per_token": flops_per_token, "warmup_s": warm_s, "final_loss": float(loss),
+        "variant": name, "params": params, "tokens_per_s": args.steps * b * s / elapsed,
+        "flops_per_token": flops_per_token, "warmup_s": warm_s, "final_loss": float(loss.detach()),
         "peak_gib": (torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None,
+        "host_syncs": host_syncs_per_step(step, device),
     }
-    del model, step_model, opt
+    del model, step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def measure(variant, shape_name, vocab, args, device) -> list[dict]:
+    """One variant's row; if the trainer's step fails, the error row and a plain-loop row of
+    the same model, so one device call still yields a measurement."""
+    try:
+        return [run_variant(variant, SHAPES[shape_name], vocab, args, device)]
+    except Exception as exc:  # keep the other measurements of this one device call
+        rows = [{"variant": variant, "error": f"{type(exc).__name__}: {exc}"}]
+    if variant != "reference" and "plain loop" not in variant:
+        rows += measure(f"{variant} (plain loop)", shape_name, vocab, args, device)
+    return rows
+
+
+def print_table(rows: list[dict], shapes: list[str]) -> None:
+    print(f"\n{'shape':<6} {'variant':<24} {'tok/s':>10} {'MFU':>6} {'peak GiB':>9} "
+          f"{'syncs/step':>10} {'vs ref':>7}")
+    for shape_name in shapes:
+        mine = {r["variant"]: r for r in rows if r["shape"] == shape_name and "tokens_per_s" in r}
+        ref = mine.get("reference")
+        for r in (r for r in rows if r["shape"] == shape_name):
+            if "tokens_per_s" not in r:
+                print(f"{shape_name:<6} {r['variant']:<24} {r.get('error') or r.get('skipped')}")
+                continue
+            ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else math.nan
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+            peak_s = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+            syncs = f"{r['host_syncs']['per_step']:.1f}" if r.get("host_syncs") else "-"
+            print(f"{shape_name:<6} {r['variant']:<24} {r['tokens_per_s']:>10.0f} {mfu:>6} "
+                  f"{peak_s:>9} {syncs:>10} {ratio:>7.2f}")
+        if "SGTM on" in mine and "masking off" in mine:
+            cost = mine["masking off"]["tokens_per_s"] / mine["SGTM on"]["tokens_per_s"]
+            print(f"{shape_name:<6} SGTM on / masking off step time: {cost:.3f}")
 
 
 def main() -> int:
@@ -189,31 +299,16 @@ def main() -> int:
             if time.perf_counter() - started > args.budget_s:
                 rows.append({"shape": shape_name, "variant": variant, "skipped": "time budget"})
                 continue
-            try:
-                row = run_variant(variant, SHAPES[shape_name], vocab, args, device)
-            except Exception as exc:  # keep the other measurements of this one device call
-                row = {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}
-            row["shape"] = shape_name
-            if peak and "tokens_per_s" in row:
-                row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for row in measure(variant, shape_name, vocab, args, device):
+                row["shape"] = shape_name
+                if peak and "tokens_per_s" in row:
+                    row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     out_path = args.json or os.path.join(os.environ.get("OUT", "."), "gpu_bench.json")
     with open(out_path, "w") as fh:
         json.dump({"device": name, "torch": torch.__version__, "rows": rows}, fh, indent=2)
-    print(f"\n{'shape':<6} {'variant':<12} {'tok/s':>10} {'MFU':>6} {'peak GiB':>9} {'vs ref':>7}")
-    for shape_name in shapes:
-        ref = next((r for r in rows if r["shape"] == shape_name and r["variant"] == "reference"
-                    and "tokens_per_s" in r), None)
-        for r in (r for r in rows if r["shape"] == shape_name):
-            if "tokens_per_s" not in r:
-                print(f"{shape_name:<6} {r['variant']:<12} {r.get('error') or r.get('skipped')}")
-                continue
-            ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else math.nan
-            mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
-            peak_s = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
-            print(f"{shape_name:<6} {r['variant']:<12} {r['tokens_per_s']:>10.0f} {mfu:>6} "
-                  f"{peak_s:>9} {ratio:>7.2f}")
+    print_table(rows, shapes)
     return 0
 
 

@@ -17,16 +17,19 @@ def _run(args, tmp_path):
 
 
 def test_gpu_bench_smoke_mode_on_cpu(tmp_path):
+    # The trainer's step for SGTM on / masking off, the reference, and the plain-loop fallback
+    # (a row appears only when it ran: a failing trainer step would add an error row too).
     proc = _run(["bench/gpu.py", "--tiny", "--device", "cpu", "--no-compile", "--steps", "1",
-                 "--warmup", "1"], tmp_path)
+                 "--warmup", "1", "--variants",
+                 "SGTM on,masking off,reference,SGTM on (plain loop)"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
     variants = {row["variant"]: row for row in data["rows"]}
-    assert set(variants) == {"SGTM on", "masking off", "reference"}
+    assert set(variants) == {"SGTM on", "masking off", "reference", "SGTM on (plain loop)"}
     assert all(row["tokens_per_s"] > 0 for row in variants.values())
     # Same architecture and width: our model and the reference have the same parameter count.
     assert variants["SGTM on"]["params"] == variants["reference"]["params"]
-    assert "vs ref" in proc.stdout
+    assert "vs ref" in proc.stdout and "SGTM on / masking off step time" in proc.stdout
 
 
 def test_overhead_bench_prints_a_ratio(tmp_path):
