@@ -169,6 +169,12 @@ def build_model(core: CoreConfig, *, use_te_attention: bool = False) -> SGTMGPTM
         rotary_base=core.model.rotary_base, parallel_output=True)
     bind_routing(model, partition, core, tp, parallel_state.get_tensor_model_parallel_rank())
     model.partition = partition
+    if config.bf16:
+        # params_dtype reaches only the layers that read it; position embeddings and the
+        # final norm are created in fp32, and an fp32 position embedding would turn every
+        # block's input back to fp32. Megatron's training wraps the model in Float16Module,
+        # which casts all of it; so do we (the optimizer keeps the fp32 main copies).
+        model.bfloat16()
     if use_gpu:
         model.cuda()
     return model

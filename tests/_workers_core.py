@@ -30,10 +30,10 @@ ROUTINGS = {
 SEQ_LABELS = [0, 1, 2, 2, 1, 0]
 
 
-def core_config(family: str, routing: dict, tp: int):
+def core_config(family: str, routing: dict, tp: int, dtype: str = "fp32"):
     from megatron_sgtm.config import CoreConfig, ModelConfig, PartitionConfig, RoutingConfig
 
-    return CoreConfig(model=ModelConfig(**MODEL_FAMILIES[family]),
+    return CoreConfig(model=ModelConfig(**MODEL_FAMILIES[family], params_dtype=dtype),
                       partition=PartitionConfig(**PARTITION), routing=RoutingConfig(**routing),
                       tensor_parallel=tp)
 
@@ -216,7 +216,9 @@ def slice_norms(core, grads):
     return out
 
 
-def slice_matrix(family, full_state):
+def slice_matrix(family, full_state, dtype="fp32"):
+    """Gradient norm per slice for forget-only and retain-path-only batches, every routing;
+    ``dtype`` bf16 builds the model as GPU training does (all parameters bf16)."""
     from megatron_sgtm.model import build_model
     from megatron_sgtm.routing import route
     from tp_utils import load_full_state
@@ -224,14 +226,16 @@ def slice_matrix(family, full_state):
     tokens, targets, _ = batch(family)
     result = {}
     for rname, routing in {**ROUTINGS, "none": {"method": "none"}}.items():
-        core = core_config(family, routing, 1)
+        core = core_config(family, routing, 1, dtype)
         for label in (1, 2):
             model = build_model(core)
+            assert {p.dtype for p in model.parameters()} == \
+                {torch.bfloat16 if dtype == "bf16" else torch.float32}
             load_full_state(model, full_state, 1, 0, core.model.activation == "swiglu")
             labels = torch.full(tokens.shape, label)
             with route(labels):
                 token_loss(model, tokens, targets).sum().backward()
-            grads = {n: p.grad for n, p in model.named_parameters()}
+            grads = {n: p.grad.float() for n, p in model.named_parameters()}
             result[(rname, label)] = slice_norms(core, grads)
     return result
 
@@ -245,7 +249,7 @@ def _init(world):
 
 def world1(rank, world):
     _init(world)
-    out = {"states": {}, "ref": {}, "ours": {}, "slices": {}}
+    out = {"states": {}, "ref": {}, "ours": {}, "slices": {}, "slices_bf16": {}}
     for family in MODEL_FAMILIES:
         full = initial_state(family)
         out["states"][family] = full
@@ -255,6 +259,7 @@ def world1(rank, world):
             out["ref"][(family, rname)] = reference_grads(core, full, tokens, targets, labels)
             out["ours"][(family, rname)] = routed_grads(core, full, tokens, targets, labels, 1, 0)
         out["slices"][family] = slice_matrix(family, full)
+        out["slices_bf16"][family] = slice_matrix(family, full, dtype="bf16")
     out["ablation"] = ablation_check(out["states"], 1, 0)
     return out
 
