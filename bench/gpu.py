@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -98,18 +99,27 @@ def experiment(shape, vocab, method: str, args):
                           compile=args.compile))
 
 
-def synthetic_batch(shape, vocab) -> dict:
-    """A loader batch (host tensors) with the paper's bilingual mix: about a quarter of the
-    sequences forget-labelled, a tenth retain-path, the rest unlabelled."""
+# Per micro-batch (forget, retain-path) fractions of the sequences; the rest are unlabelled.
+# Label counts change from step to step in real training, so the timed steps cycle through
+# three mixes (about the paper's bilingual mix, a forget-light one, one with no forget tokens).
+LABEL_MIXES = ((1 / 4, 1 / 10), (1 / 8, 0.0), (0.0, 1 / 4))
+
+
+def synthetic_batches(shape, vocab) -> list[dict]:
+    """Loader batches (host tensors, label-homogeneous sequences) for each mix."""
     import torch
 
     b, s = shape["batch"], shape["seq"]
-    tokens = torch.randint(0, vocab, (b, s + 1))
-    n_forget, n_retain = max(1, b // 4), max(1, b // 10)
-    per_seq = torch.tensor([2] * n_forget + [1] * n_retain + [0] * (b - n_forget - n_retain))
-    labels = per_seq.unsqueeze(1).expand(b, s).contiguous()
-    return {"tokens": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous(),
-            "routing_labels": labels, "applied_label": labels, "true_domain": labels}
+    out = []
+    for forget, retain in LABEL_MIXES:
+        tokens = torch.randint(0, vocab, (b, s + 1))
+        n_forget = round(b * forget)
+        n_retain = min(b - n_forget, round(b * retain))
+        per_seq = torch.tensor([2] * n_forget + [1] * n_retain + [0] * (b - n_forget - n_retain))
+        labels = per_seq.unsqueeze(1).expand(b, s).contiguous()
+        out.append({"tokens": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous(),
+                    "routing_labels": labels, "applied_label": labels, "true_domain": labels})
+    return out
 
 
 def engine_step(name, shape, vocab, args, device):
@@ -126,11 +136,11 @@ def engine_step(name, shape, vocab, args, device):
     compile_model(model, cfg.train, device)
     engine = build_engine(model, cfg)
     builder = InputBuilder(cfg, device)
-    batch = synthetic_batch(shape, vocab)
+    batches = itertools.cycle(synthetic_batches(shape, vocab))
     model.train()
 
     def step():
-        loss = accumulate_grads(engine, builder, [batch], device)
+        loss = accumulate_grads(engine, builder, [next(batches)], device)
         engine.step(cfg.train.lr)
         return loss
 
@@ -155,17 +165,17 @@ def plain_step(name, shape, vocab, args, device):
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model
-    batch = synthetic_batch(shape, vocab)
-    inputs, targets = batch["tokens"].to(device), batch["targets"].to(device)
-    b, s = inputs.shape
-    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    batches = itertools.cycle([(b["tokens"].to(device), b["targets"].to(device), b["routing_labels"])
+                               for b in synthetic_batches(shape, vocab)])
+    pos = torch.arange(shape["seq"], device=device).unsqueeze(0).expand(shape["batch"], -1)
 
     def step():
+        inputs, targets, labels = next(batches)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if name == "reference":
                 loss = step_model(inputs, targets)
             else:
-                with route(batch["routing_labels"], device=device):
+                with route(labels, device=device):
                     loss = step_model(inputs, pos, None, labels=targets).float().mean()
         loss.backward()
         opt.step()
@@ -198,6 +208,12 @@ def host_syncs_per_step(step, device, steps: int = 3):
     return {"per_step": len(flagged) / steps, "first": flagged[:3]}
 
 
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def run_variant(name, shape, vocab, args, device):
     import torch
 
@@ -214,11 +230,13 @@ def run_variant(name, shape, vocab, args, device):
     warm_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    graphs_before = _compiled_graphs()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
     sync()
     elapsed = time.perf_counter() - t0
+    graphs_while_timing = _compiled_graphs() - graphs_before
     # 6N per token for the dense GEMMs plus the attention score/value products.
     flops_per_token = 6 * params + 12 * shape["layers"] * shape["hidden"] * s
     result = {
@@ -226,6 +244,7 @@ def run_variant(name, shape, vocab, args, device):
         "flops_per_token": flops_per_token, "warmup_s": warm_s, "final_loss": float(loss.detach()),
         "peak_gib": (torch.cuda.max_memory_allocated() / 2**30) if device.type == "cuda" else None,
         "host_syncs": host_syncs_per_step(step, device),
+        "graphs_compiled_while_timing": graphs_while_timing,
     }
     del model, step
     gc.collect()
