@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_sgtm.config import CoreConfig, ModelConfig, PartitionConfig
+from megatron_sgtm.data import DataError
 from megatron_sgtm.partition import build_partition
 from megatron_sgtm.post import ckpt_io, shards
 from megatron_sgtm.post.ablate import PruneError, pruned_core
@@ -74,17 +75,19 @@ def _write_split(directory, split, docs):
 
 
 def test_empty_or_missing_eval_split_is_refused(tmp_path):
-    (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer": {"sha256": "a"}}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer": {"sha256": "a",
+                                                                     "vocab_size": 16}}))
     _write_split(tmp_path, "test_forget", [])
     _write_split(tmp_path, "test_retain", [[5, 6, 7, 1]] * 10)
-    with pytest.raises(shards.ShardError, match="'test_forget' has 0 tokens"):
+    # The post commands read through the training reader, so its checks and messages apply.
+    with pytest.raises(DataError, match="test_forget_tokens.bin: empty"):
         shards.eval_sets(tmp_path, seq=4, batch_size=2, max_sequences=None)
-    with pytest.raises(shards.ShardError, match="'test_adjacent' is missing"):
+    with pytest.raises(DataError, match="test_adjacent_tokens.idx: missing"):
         shards.sequences(tmp_path, "test_adjacent", 4)
+    with pytest.raises(DataError, match="'test_retain' \\(truth 1\\) has 0 tokens"):
+        shards.sequences(tmp_path, "test_retain", 4, truth=1)
     retain = shards.sequences(tmp_path, "test_retain", 4)
     assert retain.shape == (8, 5) and retain[0].tolist() == [5, 6, 7, 1, 5]
-    with pytest.raises(shards.ShardError, match="no manifest"):
-        shards.read_manifest(tmp_path / "nowhere")
 
 
 def test_prune_refuses_what_it_cannot_do_exactly():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data import read_manifest
 from . import ckpt_io, shards
 from .cli_common import add_common, add_data, is_rank0, run, say, start
 from .eval_cli import ROUTED
@@ -36,7 +37,7 @@ def _main(args) -> int:
     from .evaluate import evaluate_split, write_jsonl
 
     tp = start(args.tp)
-    manifest = shards.read_manifest(args.data)
+    manifest = read_manifest(args.data)
     cfg = AttackConfig(lr=args.lr, warmup_steps=args.warmup, cosine_steps=args.cosine_steps,
                        max_steps=args.max_steps, eval_every=args.eval_every)
     if cfg.problems():

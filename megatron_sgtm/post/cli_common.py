@@ -50,13 +50,13 @@ def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPars
     """Parse, run, turn expected failures into ``error: ...`` + exit 2, always tear down."""
     args = parser.parse_args(argv)
     from .evaluate import EvalError
-    from .shards import ShardError
+    from ..data import DataError
     from .ablate import PruneError
     from .export_hf import ExportError
 
     try:
         return main(args)
-    except (PostError, EvalError, ShardError, PruneError, ExportError) as exc:
+    except (PostError, EvalError, DataError, PruneError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

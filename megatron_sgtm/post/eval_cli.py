@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data import read_manifest
 from . import ckpt_io, shards
 from .cli_common import add_common, add_data, is_rank0, run, say, start
 
@@ -39,7 +40,7 @@ def calibration_sets(data: Path, seq: int, args, device) -> dict:
     for name, truth in (("forget", 1), ("retain", 0), ("adjacent", 2)):
         try:
             seqs = shards.sequences(data, "train", seq, args.calibration_sequences, truth=truth)
-        except shards.ShardError:
+        except shards.DataError:
             if name == "adjacent":
                 continue
             raise
@@ -54,7 +55,7 @@ def _main(args) -> int:
     from .evaluate import evaluate, format_table, write_jsonl
 
     tp = start(args.tp)
-    manifest = shards.read_manifest(args.data)
+    manifest = read_manifest(args.data)
     model, core, meta = ckpt_io.load(args.checkpoint, tp)
     ckpt_io.check_tokenizer(meta, manifest, args.checkpoint, args.data)
     seq = args.seq or core.model.seq_length

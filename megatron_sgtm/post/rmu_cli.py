@@ -6,6 +6,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
+from ..data import read_manifest
 from . import ckpt_io, shards
 from .cli_common import add_common, run, say, start
 
@@ -35,7 +36,7 @@ def _main(args) -> int:
         raise ckpt_io.PostError(f"output {args.out}: already exists; choose another directory")
     cfg = RMUConfig(layer=args.layer, steering_coeff=args.steering_coeff, alpha=args.alpha,
                     lr=args.lr, steps=args.steps, batch_size=args.batch, seed=args.seed)
-    manifest = shards.read_manifest(args.data)
+    manifest = read_manifest(args.data)
     model, core, meta = ckpt_io.load(args.checkpoint, tp)
     ckpt_io.check_tokenizer(meta, manifest, args.checkpoint, args.data)
     if cfg.problems() or cfg.layer >= core.model.num_layers:

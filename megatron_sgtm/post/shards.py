@@ -7,27 +7,16 @@ label-homogeneous (DESIGN.md, "Labels, packing and batches").
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
+from ..data import DataError, open_split
 from .common import Batch
 
 SPLITS = {"forget": "test_forget", "retain": "test_retain", "adjacent": "test_adjacent"}
-
-
-class ShardError(ValueError):
-    """A shard directory or split that cannot serve the request."""
-
-
-def read_manifest(data: Path) -> dict:
-    path = Path(data) / "manifest.json"
-    if not path.exists():
-        raise ShardError(f"{data}: no manifest.json (not a finished `sgtm prep` output)")
-    return json.loads(path.read_text())
 
 
 def tokenizer_sha256(data: Path) -> str:
@@ -38,34 +27,24 @@ def has_split(data: Path, split: str) -> bool:
     return (Path(data) / f"{split}_tokens.idx").exists()
 
 
-def _documents(data: Path, split: str):
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    prefix = Path(data) / f"{split}_tokens"
-    if not prefix.with_suffix(".idx").exists():
-        raise ShardError(f"{data}: split {split!r} is missing ({prefix}.idx)")
-    if prefix.with_suffix(".bin").stat().st_size == 0:
-        return [], [], np.zeros(0, np.uint8)  # megatron cannot mmap an empty file
-    tokens = IndexedDataset(str(prefix))
-    labels = IndexedDataset(str(Path(data) / f"{split}_labels"))
-    truth_path = Path(data) / f"{split}_truth.npy"
-    truth = np.load(truth_path) if truth_path.exists() else np.zeros(len(tokens), np.uint8)
-    return tokens, labels, truth
-
-
 def sequences(data: Path, split: str, seq: int, max_sequences: Optional[int] = None,
               truth: Optional[int] = None, label: Optional[int] = None) -> torch.Tensor:
-    """``[n, seq + 1]`` chunks of the split's documents (optionally one true domain / label)."""
-    tokens, labels, truths = _documents(data, split)
-    docs = [np.asarray(tokens[i], dtype=np.int64) for i in range(len(tokens))
-            if (truth is None or int(truths[i]) == truth)
-            and (label is None or int(labels[i][0]) == label)]
-    n = sum(len(d) for d in docs) // (seq + 1)
+    """``[n, seq + 1]`` chunks of the split's documents (optionally one true domain / applied
+    label), read through the same validated reader as training."""
+    shard = open_split(data, split)
+    keep = np.ones(shard.num_docs, dtype=bool)
+    if truth is not None:
+        keep &= shard.doc_truth == truth
+    if label is not None:
+        keep &= shard.doc_labels == label
+    docs = [shard.get_tokens(int(i)).astype(np.int64) for i in np.flatnonzero(keep)]
+    total = sum(len(d) for d in docs)
+    n = total // (seq + 1)
     if n == 0:
         what = f"split {split!r}" + (f" (truth {truth})" if truth is not None else "") + \
                (f" (label {label})" if label is not None else "")
-        raise ShardError(f"{data}: {what} has {sum(len(d) for d in docs)} tokens, fewer than one "
-                         f"sequence of {seq + 1}; nothing to evaluate")
+        raise DataError(f"{data}: {what} has {total} tokens, fewer than one sequence of "
+                        f"{seq + 1}; nothing to evaluate")
     flat = np.concatenate(docs)[: n * (seq + 1)]
     out = torch.from_numpy(flat.reshape(n, seq + 1))
     if max_sequences is not None and n > max_sequences:
