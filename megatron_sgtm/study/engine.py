@@ -7,7 +7,6 @@ once per run (torchrun) is what makes a 10-minute CPU demo possible.
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import tempfile
 import time
@@ -87,14 +86,6 @@ def batches_of(packed, batch_size: int) -> list[dict]:
     return [batch_of(packed.tokens[i:i + batch_size]) for i in range(0, len(packed), batch_size)]
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up, cosine to ``min_ratio * peak`` (SGTM.md section 8)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 @dataclass
 class TrainOutcome:
     steps: int
@@ -115,24 +106,42 @@ def _mean_loss(model, rows: np.ndarray) -> float:
         return float(token_loss(model, as_batch(batch_of(rows))).mean())
 
 
+def experiment(model, train, steps: int):
+    """The in-memory ``sgtm train`` config of a study run: one process, one micro-batch per
+    step, the study's schedule. The data are already selected and packed (``study/data.py``),
+    so only the routing matters to the trainer."""
+    from ..train.config import DataConfig, ExperimentConfig, TrainConfig
+
+    routed = model.core.routing.method
+    return ExperimentConfig(
+        model=model.core.model, partition=model.core.partition, routing=model.core.routing,
+        data=DataConfig(dir="(packed in memory)", method=routed),
+        train=TrainConfig(micro_batch_size=train.batch_size, global_batch_size=train.batch_size,
+                          steps=steps, lr=train.lr, min_lr=train.lr * train.min_lr_ratio,
+                          warmup_steps=int(train.warmup_fraction * steps),
+                          weight_decay=train.weight_decay, grad_clip=train.grad_clip,
+                          threads=train.threads))
+
+
 def train_run(model, packed, train, total_tokens: int, seed: int, curve_sets: dict,
               progress: Callable[[str], None] = lambda m: None) -> TrainOutcome:
     """Train ``model`` in place on ``packed`` for ``total_tokens`` (whole batches).
 
-    One torch AdamW over every parameter, as the paper: masked gradients are zero, not removed,
-    so momentum and weight decay still move masked parameters (SGTM.md section 3)."""
+    The step is ``sgtm train``'s own (engine, micro-batch routing, clip, AdamW over every
+    parameter, as the paper: masked gradients are zero, not removed, so momentum and weight
+    decay still move masked parameters, SGTM.md section 3)."""
     import torch
 
-    from ..routing import route
+    from ..train.batches import InputBuilder
+    from ..train.engine import build_engine
+    from ..train.loop import accumulate_grads
+    from ..train.schedule import lr_at
 
     seq, bsz = train.seq_length, train.batch_size
     steps = max(1, total_tokens // (seq * bsz))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=train.lr, betas=(0.9, 0.95))
-    warmup = int(train.warmup_fraction * steps)
+    cfg = experiment(model, train, steps)
+    engine = build_engine(model, cfg)
+    builder = InputBuilder(cfg, device())
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(packed))
     per_label = {0: 0, 1: 0, 2: 0}
@@ -145,27 +154,22 @@ def train_run(model, packed, train, total_tokens: int, seed: int, curve_sets: di
         idx = np.take(order, np.arange(step * bsz, (step + 1) * bsz), mode="wrap")
         # Past the end of the data, mode="wrap" starts the next epoch in the same order.
         labels = packed.labels[idx]
-        batch = batch_of(packed.tokens[idx], labels)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, train.lr, warmup, train.min_lr_ratio)
-        pos = torch.arange(seq, device=batch["tokens"].device).unsqueeze(0).expand(bsz, seq)
-        with route(batch["labels"]):
-            loss = model(batch["tokens"], pos, None, labels=batch["targets"]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        opt.step()
+        rows = torch.from_numpy(np.ascontiguousarray(packed.tokens[idx], dtype=np.int64))
+        per_token = torch.from_numpy(np.asarray(labels, dtype=np.int64)).unsqueeze(1) \
+            .expand(-1, seq).contiguous()
+        batch = {"tokens": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous(),
+                 "routing_labels": per_token, "applied_label": per_token}
+        window.append(accumulate_grads(engine, builder, [batch], builder.device))
+        engine.step(lr_at(step, cfg.train))
         for lab in (0, 1, 2):
             per_label[lab] += int((labels == lab).sum()) * seq
         forget_seen += int(packed.forget_tokens[idx].sum())
         undiscovered_seen += int(packed.undiscovered_tokens[idx].sum())
-        window.append(loss.item())
         if (step + 1) % every == 0 or step == steps - 1:
             point = {"step": step + 1, "tokens": (step + 1) * bsz * seq,
-                     "train_loss": float(np.mean(window))}
-            for name, rows in curve_sets.items():
-                point[name] = _mean_loss(model, rows)
+                     "train_loss": float(torch.stack(window).mean())}
+            for name, rows_ in curve_sets.items():
+                point[name] = _mean_loss(model, rows_)
             curve.append(point)
             window = []
             progress(f"step {step + 1}/{steps} loss {point['train_loss']:.3f} "
