@@ -89,14 +89,13 @@ class Docs:
 
 
 def read_docs(shard_dir: Path, split: str) -> Docs:
-    from data_prep.shards import read_split
+    """A split's documents through the training reader (validated; a document's applied
+    label is the largest of its tokens' labels, as in training)."""
+    from ..data import open_split
 
-    data = read_split(Path(shard_dir), split)
-    ds, lab = data["tokens"], data["labels"]
-    tokens = [np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))]
-    # Labels are per token but constant within a document (label-homogeneous by construction).
-    labels = np.array([int(lab[i][0]) if len(tokens[i]) else 0 for i in range(len(ds))], np.int64)
-    return Docs(tokens, labels, np.asarray(data["truth"], dtype=np.int64))
+    shard = open_split(shard_dir, split)
+    tokens = [shard.get_tokens(i).astype(np.int64) for i in range(shard.num_docs)]
+    return Docs(tokens, shard.doc_labels, shard.doc_truth)
 
 
 @dataclass
