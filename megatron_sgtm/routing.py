@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .transfer import to_device
+
 UNLABELED, RETAIN, FORGET = 0, 1, 2
 LABEL_NAMES = {UNLABELED: "unlabeled", RETAIN: "retain", FORGET: "forget"}
 
@@ -99,7 +101,7 @@ class TokenRouting:
     def _cached(self, key, device, make):
         full = (key, str(device))
         if full not in self._device_cache:
-            self._device_cache[full] = make().to(device, non_blocking=True)
+            self._device_cache[full] = to_device(make(), device)
         return self._device_cache[full]
 
     def token_flags(self, label: int, device) -> torch.Tensor:

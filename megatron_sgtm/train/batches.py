@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..routing import FORGET
+from ..transfer import to_device
 from ..post.baselines import conditional_tokens, slung_flags, slung_loss
 from .config import ROUTING_OF, ExperimentConfig
 
@@ -56,11 +57,11 @@ class InputBuilder:
         labels = batch["routing_labels"] if self.routes else None
         b, s = tokens.shape
         return ModelInputs(
-            tokens=tokens.to(self.device, non_blocking=True).contiguous(),
-            targets=targets.to(self.device, non_blocking=True).contiguous(),
+            tokens=to_device(tokens.contiguous(), self.device),
+            targets=to_device(targets.contiguous(), self.device),
             position_ids=self._position_ids(b, s),
             routing_labels=labels,
-            slung_flags=None if flags is None else flags.to(self.device, non_blocking=True))
+            slung_flags=None if flags is None else to_device(flags, self.device))
 
     def loss(self, token_loss: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
         """Mean over the micro-batch's positions.
