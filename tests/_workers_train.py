@@ -89,3 +89,48 @@ def train_compiled(rank, world, shards, root, backend):
     out["graph_breaks"] = sum(counters["graph_break"].values())
     out["unique_graphs"] = counters["stats"]["unique_graphs"]
     return out
+
+
+def count_grad_reductions(rank, world, shards, overlap):
+    """Data-parallel all-reduce calls made by a step of two accumulated micro-batches."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_sgtm.model import build_model
+    from megatron_sgtm.parallel import init_parallel
+    from megatron_sgtm.train.batches import InputBuilder
+    from megatron_sgtm.train.config import load_experiment
+    from megatron_sgtm.train.engine import build_engine
+    from megatron_sgtm.train.loop import accumulate_grads
+
+    cfg = load_experiment(TINY, [f"data.dir={shards}", "train.global_batch_size=16",
+                                 f"engine.overlap_grad_reduce={str(overlap).lower()}"])
+    init_parallel(1, cfg.train.seed)
+    engine = build_engine(build_model(cfg.core), cfg)
+    builder = InputBuilder(cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(rank)
+    micro = []
+    for _ in range(2):
+        rows = torch.randint(0, cfg.model.vocab_size, (4, cfg.model.seq_length + 1), generator=gen)
+        labels = torch.tensor([2, 1, 0, 0]).unsqueeze(1).expand(4, cfg.model.seq_length)
+        micro.append({"tokens": rows[:, :-1], "targets": rows[:, 1:], "routing_labels": labels,
+                      "applied_label": labels})
+    calls = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        # TP is 1, so only the data-parallel reduction spans both ranks (megatron's loss
+        # also all-reduces over the one-rank TP group).
+        if dist.get_world_size(kwargs.get("group")) == 2:
+            calls.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    # The second step is the steady state: megatron learns in the first which gradients a
+    # step produces, and only then starts bucket reductions from inside the backward.
+    accumulate_grads(engine, builder, micro, torch.device("cpu"))
+    dist.all_reduce = counting
+    try:
+        accumulate_grads(engine, builder, micro, torch.device("cpu"))
+    finally:
+        dist.all_reduce = original
+    return {"calls": len(calls), "buckets": sum(len(g.buckets) for g in engine.module.bucket_groups)}

@@ -11,6 +11,8 @@ from distributed import run_distributed
 from megatron_sgtm.data.testing import write_sample_shards
 
 STEPS = 10
+# Global batch 16 of micro-batches of 4: two accumulated micro-batches per step at DP=2.
+ACCUM = ["train.global_batch_size=16"]
 METHODS = ["none", "gradient_routing", "activation_masking", "weak_filter", "strict_filter",
            "slung", "conditional"]
 
@@ -28,10 +30,12 @@ def runs(shards, tmp_path_factory):
     methods = [(m, 3, [f"data.method={m}"]) for m in METHODS]
     methods.append(("slung_unlikelihood", 3, ["data.method=slung", "data.slung_mode=unlikelihood"]))
     results = run_distributed(train_variants, 1, shards, str(root),
-                              [("single", STEPS, [])] + methods)[0]
+                              [("single", STEPS, []), ("single_accum", STEPS, ACCUM)] + methods)[0]
     (root / "results.json").write_text(json.dumps(results))
     run_distributed(train_variants, 2, shards, str(root), [
         ("dp2", STEPS, []),
+        ("dp2_accum", STEPS, ACCUM),
+        ("dp2_accum_no_overlap", STEPS, ACCUM + ["engine.overlap_grad_reduce=false"]),
         ("tp2", STEPS, ["tensor_parallel=2"]),
         ("zero1", STEPS, ["engine.name=deepspeed", "engine.zero_stage=1"]),
         ("zero2", STEPS, ["engine.name=deepspeed", "engine.zero_stage=2"]),
@@ -46,6 +50,16 @@ def runs(shards, tmp_path_factory):
 def test_parallel_layouts_match_single_process(runs, name):
     single, other = losses(runs / "single"), losses(runs / name)
     assert len(single) == len(other) == STEPS
+    assert other == pytest.approx(single, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dp2_accum", "dp2_accum_no_overlap"])
+def test_accumulation_with_and_without_overlapped_reduction(runs, name):
+    # With overlap, buckets reduce during the last micro-batch's backward only (no_sync
+    # before it); either way the step equals one process accumulating the same batch.
+    single, other = losses(runs / "single_accum"), losses(runs / name)
+    assert len(other) == STEPS
     assert other == pytest.approx(single, rel=1e-5)
 
 
@@ -116,3 +130,11 @@ def test_partition_grad_norms_add_up_and_ignore_tp(runs, name):
     # Sharded tensors counted once per TP group, replicated ones once: same norms at TP=2.
     flat = [x for row in other for x in row]
     assert flat == pytest.approx([x for row in single for x in row], rel=1e-4)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_one_gradient_reduction_per_step_with_accumulation(shards, overlap):
+    from _workers_train import count_grad_reductions
+
+    for rank in run_distributed(count_grad_reductions, 2, shards, overlap):
+        assert rank["calls"] == rank["buckets"] >= 1, rank

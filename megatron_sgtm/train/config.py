@@ -126,6 +126,9 @@ class EngineConfig:
     name: Literal["megatron", "deepspeed"] = "megatron"
     zero_stage: int = 1
     distributed_optimizer: bool = False
+    # Start each gradient bucket's data-parallel reduction during the last micro-batch's
+    # backward, as soon as the bucket is complete, instead of after the whole backward.
+    overlap_grad_reduce: bool = True
 
     def problems(self) -> list[str]:
         out = []

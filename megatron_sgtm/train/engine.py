@@ -26,7 +26,7 @@ def _ddp(model, cfg: ExperimentConfig, distributed_optimizer: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.engine.overlap_grad_reduce,
         use_distributed_optimizer=distributed_optimizer)
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
@@ -72,7 +72,11 @@ class MegatronEngine:
                 p.grad = None
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        loss.backward()
+        if last:
+            loss.backward()  # with overlap, each bucket's reduction starts as it fills
+            return
+        with self.module.no_sync():  # earlier micro-batches only accumulate
+            loss.backward()
 
     def reduce_grads(self) -> None:
         """Data-parallel all-reduce (megatron DDP scales by 1/DP before summing)."""
