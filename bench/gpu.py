@@ -96,7 +96,7 @@ def experiment(shape, vocab, method: str, args):
         routing=RoutingConfig(method=ROUTING_OF[method]),
         data=DataConfig(dir="(synthetic batches)", method=method),
         train=TrainConfig(micro_batch_size=shape["batch"], global_batch_size=shape["batch"],
-                          compile=args.compile))
+                          compile=args.compile, compile_mode=args.compile_mode))
 
 
 # Per micro-batch (forget, retain-path) fractions of the sequences; the rest are unlabelled.
@@ -164,7 +164,7 @@ def plain_step(name, shape, vocab, args, device):
         model = build_model(CoreConfig(cfg.model, cfg.partition, cfg.routing))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
-    step_model = torch.compile(model) if args.compile else model
+    step_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     batches = itertools.cycle([(b["tokens"].to(device), b["targets"].to(device), b["routing_labels"])
                                for b in synthetic_batches(shape, vocab)])
     pos = torch.arange(shape["seq"], device=device).unsqueeze(0).expand(shape["batch"], -1)
@@ -294,6 +294,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode for every variant (e.g. reduce-overhead)")
     parser.add_argument("--tiny", action="store_true", help="tiny shape (CPU smoke check)")
     parser.add_argument("--budget-s", type=float, default=450, help="skip what would start later")
     parser.add_argument("--json", default=None)
@@ -311,7 +313,8 @@ def main() -> int:
     vocab = 512 if args.tiny else VOCAB
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    print(f"device: {name}; torch {torch.__version__}; compile={args.compile}", flush=True)
+    print(f"device: {name}; torch {torch.__version__}; compile={args.compile} "
+          f"mode={args.compile_mode}", flush=True)
     started, rows = time.perf_counter(), []
     for shape_name in shapes:
         for variant in args.variants.split(","):

@@ -81,3 +81,16 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:]))
     assert lr_at(14, cfg.train) == pytest.approx(0.1)
     assert lrs[9] == pytest.approx(0.55)  # halfway through the cosine
+
+
+def test_compile_settings_are_checked_at_load():
+    with pytest.raises(ConfigError) as err:
+        load_experiment(None, ["data.dir=x", "train.compile_mode=fastest"])
+    assert "train.compile_mode: 'fastest' is not 'default' | 'reduce-overhead'" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(None, ["data.dir=x", "train.compile_mode=reduce-overhead",
+                               "train.compile_backend=aot_eager"])
+    assert "applies to the inductor backend, not 'aot_eager'" in str(err.value)
+    cfg = load_experiment(None, ["data.dir=x", "train.compile=true",
+                                 "train.compile_mode=reduce-overhead"])
+    assert cfg.train.compile_on(cuda=False) and cfg.train.compile_mode == "reduce-overhead"

@@ -72,6 +72,10 @@ class TrainConfig:
     # longer than a short CPU run saves).
     compile: Optional[bool] = None
     compile_backend: str = "inductor"
+    # torch.compile's mode; "reduce-overhead" replays CUDA graphs (launch overhead matters for
+    # small models), one graph per distinct forget-token count shape.
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",
+                                   "max-autotune-no-cudagraphs"]] = None
 
     def compile_on(self, cuda: bool) -> bool:
         return cuda if self.compile is None else self.compile
@@ -91,6 +95,9 @@ class TrainConfig:
             out.append("warmup_steps, eval_every and grad_clip must be >= 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             out.append(f"betas: need two values in [0, 1), got {self.betas}")
+        if self.compile_mode is not None and self.compile_backend != "inductor":
+            out.append(f"compile_mode {self.compile_mode!r} applies to the inductor backend, "
+                       f"not {self.compile_backend!r}")
         return out
 
 

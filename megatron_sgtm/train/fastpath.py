@@ -39,5 +39,5 @@ def compile_model(model: torch.nn.Module, train: TrainConfig, device: torch.devi
     if train.compile_backend not in known:
         raise TrainError(f"train.compile_backend {train.compile_backend!r} is not a "
                          f"torch.compile backend; known: {', '.join(sorted(known))}")
-    model.compile(backend=train.compile_backend)
+    model.compile(backend=train.compile_backend, mode=train.compile_mode)
     return True
