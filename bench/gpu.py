@@ -25,6 +25,11 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
+
+# Runnable from a plain checkout (a GPU machine with torch and megatron-core but without this
+# package installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {  # SGTM.md section 8: layers, hidden, ffn, heads, context, micro-batch
     "64M": dict(layers=12, hidden=512, ffn=2048, heads=32, seq=512, batch=32),
