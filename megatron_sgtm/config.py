@@ -36,6 +36,10 @@ class ModelConfig:
     # Parameter dtype. "bf16" keeps fp32 main grads and params in megatron's optimizer (GPU
     # only). "auto": bf16 when CUDA is present, fp32 on CPU (bf16 matmuls are slow on CPUs).
     params_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    # Core attention kernel. "sdpa": torch's scaled_dot_product_attention (flash attention on
+    # recent GPUs in bf16). "te": Transformer Engine's DotProductAttention (needs TE; opt-in,
+    # as it is not exercised by the CPU test suite).
+    attention_backend: Literal["sdpa", "te"] = "sdpa"
     # "selective" recomputes core attention only. "full" is refused: it would re-run block
     # forwards in backward, after the per-micro-batch routing context has moved on.
     activation_recompute: Literal["none", "selective"] = "none"

@@ -72,9 +72,14 @@ def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool) -> Transfo
     )
 
 
-def layer_spec(use_te_attention: bool = False) -> ModuleSpec:
+def layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
     core_attention = SDPACoreAttention
-    if use_te_attention:
+    if attention_backend == "te":
+        import importlib.util
+
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ValueError("model.attention_backend te needs Transformer Engine "
+                             "(pip install 'megatron_sgtm[gpu]'); use sdpa without it")
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
         core_attention = TEDotProductAttention
@@ -148,7 +153,7 @@ def bind_routing(model: SGTMGPTModel, partition: Partition, core: CoreConfig,
             model.output_layer.bind(LinearRule(masked_wgrad=True), (), mask_bias=False)
 
 
-def build_model(core: CoreConfig, *, use_te_attention: bool = False) -> SGTMGPTModel:
+def build_model(core: CoreConfig) -> SGTMGPTModel:
     """The SGTM GPT for this process's TP rank. ``parallel_state`` must be initialised."""
     use_gpu = torch.cuda.is_available()
     if not use_gpu:
@@ -161,7 +166,7 @@ def build_model(core: CoreConfig, *, use_te_attention: bool = False) -> SGTMGPTM
     partition.check_tp(tp)
     config = transformer_config(core.model, tp, use_gpu=use_gpu)
     model = SGTMGPTModel(
-        config=config, core=core, transformer_layer_spec=layer_spec(use_te_attention),
+        config=config, core=core, transformer_layer_spec=layer_spec(core.model.attention_backend),
         vocab_size=core.model.vocab_size, max_sequence_length=core.model.seq_length,
         pre_process=True, post_process=True,
         share_embeddings_and_output_weights=core.model.tie_embeddings,

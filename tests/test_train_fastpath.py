@@ -2,6 +2,7 @@
 and the device defaults for dtype and compile."""
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -84,3 +85,13 @@ def test_device_defaults():
     assert TrainConfig().compile_on(cuda=True) and not TrainConfig().compile_on(cuda=False)
     assert TrainConfig(compile=True).compile_on(cuda=False)
     assert not TrainConfig(compile=False).compile_on(cuda=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
+                    reason="checks the refusal where Transformer Engine is absent")
+def test_te_attention_without_te_is_one_clear_error():
+    from megatron_sgtm.model import layer_spec
+
+    with pytest.raises(ValueError, match="attention_backend te needs Transformer Engine"):
+        layer_spec("te")
+    assert layer_spec("sdpa") is not None

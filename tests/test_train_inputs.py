@@ -115,3 +115,9 @@ def test_unknown_compile_backend(capsys, shards, tmp_path):
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "'no_such_backend' is not a torch.compile backend" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on CPU-only machines")
+def test_te_attention_needs_cuda_and_te(capsys, shards):
+    code, _, err = sgtm_train(capsys, f"data.dir={shards}", "model.attention_backend=te")
+    assert code == 2 and "attention_backend te needs CUDA and Transformer Engine" in err

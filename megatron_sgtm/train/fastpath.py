@@ -13,7 +13,14 @@ from .errors import TrainError
 
 
 def check_device(cfg: ExperimentConfig, cuda: bool) -> None:
-    """Settings that only megatron's CUDA optimizers implement are refused without CUDA."""
+    """Settings that need CUDA (megatron's CUDA optimizers, Transformer Engine) are refused
+    without it, and TE attention without TE installed."""
+    if cfg.model.attention_backend == "te":
+        import importlib.util
+
+        if not cuda or importlib.util.find_spec("transformer_engine") is None:
+            raise TrainError("model.attention_backend te needs CUDA and Transformer Engine "
+                             "(pip install 'megatron_sgtm[gpu]'); use sdpa without them")
     if cuda:
         return
     if cfg.model.params_dtype == "bf16":
