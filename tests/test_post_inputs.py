@@ -1,6 +1,7 @@
 """Bad inputs to the post-training tools each give one clear error."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -32,7 +33,12 @@ def _partition():
 
 def test_core_config_round_trips_from_metadata(tmp_path):
     core = ckpt_io.core_config(_meta(), tmp_path, tensor_parallel=2)
-    assert core.model == CORE.model and core.tensor_parallel == 2
+    # Post-hoc tools always build fp32 models, whatever dtype the run trained in.
+    assert core.model == dataclasses.replace(CORE.model, params_dtype="fp32")
+    assert core.tensor_parallel == 2
+    trained_bf16 = _meta()
+    trained_bf16["config"]["model"]["params_dtype"] = "bf16"
+    assert ckpt_io.core_config(trained_bf16, tmp_path, 1).model.params_dtype == "fp32"
     nested = {"config": {"core": _meta()["config"], "optim": {"lr": 1.0}}}
     assert ckpt_io.core_config(nested, tmp_path, 1).partition == CORE.partition
 

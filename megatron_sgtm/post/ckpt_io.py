@@ -67,6 +67,11 @@ def core_config(meta: dict, path: Path, tensor_parallel: int) -> CoreConfig:
         raise PostError(f"checkpoint {path}: metadata holds no config")
     raw = copy.deepcopy(_core_dict(config))
     raw["tensor_parallel"] = tensor_parallel
+    if isinstance(raw.get("model"), dict):
+        # Post-hoc work (evaluation, calibration, attack fine-tuning, RMU) runs in fp32 on
+        # every device: it updates weights with a plain AdamW that keeps no fp32 master copy,
+        # and reports losses. A bf16-trained checkpoint loads into fp32 exactly.
+        raw["model"]["params_dtype"] = "fp32"
     try:
         core = config_from_dict(CoreConfig, raw)
     except ConfigError as exc:
