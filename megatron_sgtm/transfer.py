@@ -1,4 +1,4 @@
-"""Host-to-device copies that never wait for the GPU.
+"""Where this process computes, and host-to-device copies that never wait for the GPU.
 
 A copy from ordinary (pageable) host memory makes CUDA synchronise the stream first, so the
 host waits until every queued kernel has run, even with ``non_blocking=True``. From pinned
@@ -8,6 +8,13 @@ small, so pinning them costs less than one such wait.
 from __future__ import annotations
 
 import torch
+
+
+def compute_device() -> torch.device:
+    """This process's GPU when there is one (set by the launcher), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:

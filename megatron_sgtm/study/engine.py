@@ -62,23 +62,20 @@ def core_config(size, vocab: int, seq: int, routing_method: str):
         routing=RoutingConfig(method=routing_method))
 
 
-def device():
-    import torch
-
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def batch_of(rows: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:
-    """Packed ``[b, seq+1]`` rows -> a batch the post tools and the model accept.
-
-    Routing labels stay on the host: the routing context builds its index sets there."""
+    """Packed ``[b, seq+1]`` rows -> a batch the post tools, the model and the trainer's
+    ``InputBuilder`` accept; ``labels`` (one per row) become the per-token routing and applied
+    labels, which stay on the host: the routing context builds its index sets there."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(device())
+    from ..transfer import compute_device, to_device
+
+    t = to_device(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)), compute_device())
     out = {"tokens": t[:, :-1].contiguous(), "targets": t[:, 1:].contiguous()}
     if labels is not None:
         lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        out["labels"] = lab.unsqueeze(1).expand(-1, out["tokens"].shape[1]).contiguous()
+        per_token = lab.unsqueeze(1).expand(-1, out["tokens"].shape[1]).contiguous()
+        out["routing_labels"] = out["applied_label"] = per_token
     return out
 
 
@@ -136,12 +133,13 @@ def train_run(model, packed, train, total_tokens: int, seed: int, curve_sets: di
     from ..train.engine import build_engine
     from ..train.loop import accumulate_grads
     from ..train.schedule import lr_at
+    from ..transfer import compute_device
 
     seq, bsz = train.seq_length, train.batch_size
     steps = max(1, total_tokens // (seq * bsz))
     cfg = experiment(model, train, steps)
     engine = build_engine(model, cfg)
-    builder = InputBuilder(cfg, device())
+    builder = InputBuilder(cfg, compute_device())
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(packed))
     per_label = {0: 0, 1: 0, 2: 0}
@@ -154,11 +152,7 @@ def train_run(model, packed, train, total_tokens: int, seed: int, curve_sets: di
         idx = np.take(order, np.arange(step * bsz, (step + 1) * bsz), mode="wrap")
         # Past the end of the data, mode="wrap" starts the next epoch in the same order.
         labels = packed.labels[idx]
-        rows = torch.from_numpy(np.ascontiguousarray(packed.tokens[idx], dtype=np.int64))
-        per_token = torch.from_numpy(np.asarray(labels, dtype=np.int64)).unsqueeze(1) \
-            .expand(-1, seq).contiguous()
-        batch = {"tokens": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous(),
-                 "routing_labels": per_token, "applied_label": per_token}
+        batch = batch_of(packed.tokens[idx], labels)
         window.append(accumulate_grads(engine, builder, [batch], builder.device))
         engine.step(lr_at(step, cfg.train))
         for lab in (0, 1, 2):
@@ -168,8 +162,8 @@ def train_run(model, packed, train, total_tokens: int, seed: int, curve_sets: di
         if (step + 1) % every == 0 or step == steps - 1:
             point = {"step": step + 1, "tokens": (step + 1) * bsz * seq,
                      "train_loss": float(torch.stack(window).mean())}
-            for name, rows_ in curve_sets.items():
-                point[name] = _mean_loss(model, rows_)
+            for name, rows in curve_sets.items():
+                point[name] = _mean_loss(model, rows)
             curve.append(point)
             window = []
             progress(f"step {step + 1}/{steps} loss {point['train_loss']:.3f} "

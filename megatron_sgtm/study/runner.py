@@ -175,10 +175,10 @@ def _generation_rate(spec: StudySpec, ctx: Context, model, bias, shard: str) -> 
     from ..post.generation import SamplingConfig, capability_rate, generate
 
     ev = spec.eval
-    from .engine import device
+    from ..transfer import compute_device
 
     prompts = torch.from_numpy(sdata.prompts(Path(shard), ev.generation_prompts,
-                                             ev.prompt_tokens)).to(device())
+                                             ev.prompt_tokens)).to(compute_device())
     head = model.output_layer
     saved = None
     if bias is not None:

@@ -40,6 +40,9 @@ class MegatronEngine:
         self.model = model
         self.cfg = cfg
         self.on_gpu = torch.cuda.is_available()
+        # Our device-side clip everywhere but under the distributed optimizer, whose sharded
+        # gradients only megatron's clip can measure.
+        self.own_clip = not cfg.engine.distributed_optimizer
         self.module = _ddp(model, cfg, cfg.engine.distributed_optimizer)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if self.on_gpu:
@@ -51,7 +54,6 @@ class MegatronEngine:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         t, bf16 = self.cfg.train, self.cfg.model.dtype_on(cuda=True) == "bf16"
-        self.own_clip = not self.cfg.engine.distributed_optimizer
         config = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
             adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_eps=t.eps,

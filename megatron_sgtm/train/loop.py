@@ -15,6 +15,7 @@ from megatron.core import parallel_state as ps
 
 from ..configbase import config_to_dict
 from ..routing import route
+from ..transfer import compute_device
 from . import io
 from .batches import InputBuilder
 from .config import ExperimentConfig
@@ -35,12 +36,6 @@ class TrainResult:
     eval: dict
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def evaluate(engine, cfg: ExperimentConfig, builder: InputBuilder, dp_rank: int,
              dp_size: int) -> dict:
@@ -53,7 +48,7 @@ def evaluate(engine, cfg: ExperimentConfig, builder: InputBuilder, dp_rank: int,
         batches = io.eval_batches(cfg, split, dp_rank, dp_size)
         if batches is None:
             continue
-        total = torch.zeros(2, dtype=torch.float64, device=_device())
+        total = torch.zeros(2, dtype=torch.float64, device=compute_device())
         for batch in batches:
             inputs = builder(batch)
             token_loss = model(inputs.tokens, inputs.position_ids, None, labels=inputs.targets)
@@ -92,7 +87,7 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     dp_size, accum = cfg.batch_plan(world)
     dp_rank = ps.get_data_parallel_rank()
     is_rank0 = dist.get_rank() == 0
-    device = _device()
+    device = compute_device()
 
     manifest = io.check_data(cfg)
     batches = io.train_batches(cfg, dp_rank, dp_size)
