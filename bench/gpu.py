@@ -127,16 +127,20 @@ def synthetic_batches(shape, vocab) -> list[dict]:
     return out
 
 
+def _method(variant: str) -> str:
+    """"SGTM on" and "SGTM on (plain loop)" route with SGTM; the others route nothing."""
+    return "sgtm" if variant.startswith("SGTM on") else "none"
+
+
 def engine_step(name, shape, vocab, args, device):
     """One `sgtm train` optimizer step: model, compile, engine and step code of the trainer."""
-
     from megatron_sgtm.model import build_model
     from megatron_sgtm.train.batches import InputBuilder
     from megatron_sgtm.train.engine import build_engine
     from megatron_sgtm.train.fastpath import compile_model
     from megatron_sgtm.train.loop import accumulate_grads
 
-    cfg = experiment(shape, vocab, "sgtm" if name == "SGTM on" else "none", args)
+    cfg = experiment(shape, vocab, _method(name), args)
     model = build_model(cfg.core)
     compile_model(model, cfg.train, device)
     engine = build_engine(model, cfg)
@@ -164,7 +168,7 @@ def plain_step(name, shape, vocab, args, device):
     if name == "reference":
         model = reference_gpt(shape, vocab).to(device)
     else:
-        cfg = experiment(shape, vocab, "sgtm" if name.startswith("SGTM on") else "none", args)
+        cfg = experiment(shape, vocab, _method(name), args)
         cfg.model.params_dtype = "fp32"
         model = build_model(CoreConfig(cfg.model, cfg.partition, cfg.routing))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.1,
