@@ -122,10 +122,6 @@ class RoutingConfig:
     # Embeddings (and an untied output layer) and the per-block norms become retain parameters.
     mask_embeddings: bool = False
 
-    @property
-    def masks_anything(self) -> bool:
-        return self.method != "none"
-
     def problems(self) -> list[str]:
         out = []
         if self.method == "none" and (self.variant != "default" or self.mask_embeddings):

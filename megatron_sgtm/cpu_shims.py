@@ -77,7 +77,3 @@ def apply_cpu_shims(force: bool = False) -> bool:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _APPLIED = True
     return True
-
-
-def shims_active() -> bool:
-    return _APPLIED

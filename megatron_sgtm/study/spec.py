@@ -6,8 +6,6 @@ a SLURM array uses, so it must not depend on anything but the spec itself.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -226,7 +224,3 @@ def expand(spec: StudySpec, vocab: int) -> list[RunSpec]:
             for share in spec.leakage.forget_shares:
                 runs.append(RunSpec("leakage", size.name, tokens, "no_filter", None, seed, share))
     return runs
-
-
-def spec_hash(spec: StudySpec) -> str:
-    return hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:12]

@@ -50,11 +50,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def status_counts(rows: list[dict]) -> dict:
     out: dict = {}
     for r in rows:
