@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from data_prep.errors import PrepError
+from megatron_sgtm.configbase import ConfigError, config_from_dict
 
 SOURCE_KINDS = ("wiki_offline", "jsonl", "parquet", "txt", "hf", "bible")
 DOMAINS = ("retain", "forget", "adjacent", "topic")
@@ -121,6 +120,11 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def problems(self) -> list[str]:
+        errors: list[str] = []
+        _check_values(self, errors)
+        return errors
+
     def corpus_fingerprint(self, extra: Optional[dict] = None) -> str:
         """Identity of the tokenized corpus; the noise policy is excluded on purpose,
         because relabelling changes it without changing the corpus."""
@@ -184,64 +188,6 @@ def _check_values(r: Recipe, errors: list[str]) -> None:
         errors.append("noise.fp_pool: must be auto, adjacent or retain")
 
 
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return True, None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return _type_ok(value, inner)
-    if origin is list:
-        (elem,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            return False, value
-        ok = [_type_ok(v, elem) for v in value]
-        return all(o for o, _ in ok), [v for _, v in ok]
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    return False, value
-
-
-def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
-    if not isinstance(data, dict):
-        errors.append(f"{path or 'recipe'}: expected a mapping, got {type(data).__name__}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for k in sorted(set(data) - known):
-        errors.append(f"{path}{k}: unknown key (known: {', '.join(sorted(known))})")
-    kwargs = {}
-    for name in known & set(data):
-        tp, value = hints[name], data[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{path}{name}.", errors)
-        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-            if not isinstance(value, list):
-                errors.append(f"{path}{name}: expected a list")
-                continue
-            elem = typing.get_args(tp)[0]
-            kwargs[name] = [_build(elem, v, f"{path}{name}[{i}].", errors) for i, v in enumerate(value)]
-        else:
-            ok, conv = _type_ok(value, tp)
-            if not ok:
-                errors.append(f"{path}{name}: expected {_type_name(tp)}, got {value!r}")
-                continue
-            kwargs[name] = conv
-    return cls(**kwargs)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML; list indices allowed)."""
     errors = []
@@ -273,13 +219,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def recipe_from_dict(data: dict) -> Recipe:
-    errors: list[str] = []
-    recipe = _build(Recipe, data, "", errors)
-    if not errors:
-        _check_values(recipe, errors)
-    if errors:
-        raise PrepError("invalid recipe:\n  " + "\n  ".join(errors))
-    return recipe
+    """Types and keys checked by the project's config loader, then the recipe's own value
+    checks; every problem in one PrepError."""
+    try:
+        return config_from_dict(Recipe, data)
+    except ConfigError as exc:
+        raise PrepError("invalid recipe:\n  " + "\n  ".join(exc.problems)) from None
 
 
 def load_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:

@@ -91,7 +91,7 @@ def test_recipe_errors_reported_together(tmp_path):
     with pytest.raises(PrepError) as e:
         recipe_from_dict(bad)
     msg = str(e.value)
-    assert "noise.colour: unknown key" in msg and "tokenizer.vocab_size: expected int" in msg
+    assert "noise.colour: unknown key" in msg and "tokenizer.vocab_size: expected an integer" in msg
     # value checks run once the types are right
     bad["noise"].pop("colour")
     bad["tokenizer"]["vocab_size"] = 1000
