@@ -20,7 +20,10 @@ from megatron.core.transformer.module import MegatronModule
 from . import routing as routing_mod
 from .masking import DropTokenGrads, MaskedAffine, MaskedBiasBroadcast, MaskedWgradLinear, gate_row_input
 from .partition import to_runs
-from .routing import LinearRule
+from .routing import FORGET, LinearRule
+from .seq_masking import (RowPlan, SeqDropGrads, SeqMaskedAffine, SeqMaskedBiasBroadcast,
+                          SeqMaskedColumnLinear, SeqRoutedRowLinear, Units, kept_spans,
+                          sequence_spans_active, whole_batch)
 
 
 class _RoutedLinearMixin:
@@ -39,6 +42,9 @@ class _RoutedLinearMixin:
         self._sgtm_rule = rule
         self._sgtm_units = tuple(units)
         self._sgtm_runs = to_runs(self._sgtm_units)
+        width = (self.output_size_per_partition if isinstance(self, ColumnParallelLinear)
+                 else self.input_size_per_partition)
+        self._sgtm_unit_set = Units(self._sgtm_runs, width)
         self._sgtm_mask_bias = mask_bias
         self._sgtm_unit_cache: dict = {}
 
@@ -79,6 +85,10 @@ class _RoutedLinearMixin:
 
     def _masked_forward(self, routing, input, weight, bias, allreduce_dgrad, tp_group, on_rows):
         device = input.device
+        if on_rows and sequence_spans_active(routing, input):
+            return SeqMaskedColumnLinear.apply(
+                input, weight, bias, kept_spans(routing), self._sgtm_unit_set,
+                self._sgtm_mask_bias, allreduce_dgrad, tp_group)
         return MaskedWgradLinear.apply(
             input, weight, bias, routing.kept_index(device), routing.forget_index(device),
             self._units_on(device), self._sgtm_runs, on_rows, self._sgtm_mask_bias,
@@ -89,9 +99,16 @@ class _RoutedLinearMixin:
         if bias is None or routing is None or not self._sgtm_mask_bias:
             return bias
         device = output.device
+        is_column = isinstance(self, ColumnParallelLinear)
+        if sequence_spans_active(routing, output):
+            # Column biases: every sequence updates the forget-unit entries; row (output)
+            # biases are retain parameters, updated by all but forget-labelled sequences.
+            return SeqMaskedBiasBroadcast.apply(
+                bias, tuple(output.shape), kept_spans(routing), whole_batch(routing),
+                self._sgtm_unit_set if is_column else Units((), output.shape[-1]))
         return MaskedBiasBroadcast.apply(
             bias, tuple(output.shape), routing.kept_index(device), routing.forget_index(device),
-            self._units_on(device) if isinstance(self, ColumnParallelLinear)
+            self._units_on(device) if is_column
             else torch.empty(0, dtype=torch.long, device=device))
 
     @staticmethod
@@ -121,6 +138,16 @@ class SGTMRowParallelLinear(_RoutedLinearMixin, RowParallelLinear):
     def _forward_impl(self, input, weight, *args, **kwargs):
         rule = self._sgtm_rule
         routing = routing_mod.current()
+        if sequence_spans_active(routing, input):
+            masked_wgrad = self._masks_wgrad_now() is not None and weight.requires_grad
+            gated = (rule.retain_path_zeroing and routing.has_retain) or (
+                rule.forget_token_gate is not None and routing.has_forget)
+            if gated or masked_wgrad:
+                self._check_supported(kwargs)
+                return SeqRoutedRowLinear.apply(input, weight,
+                                                RowPlan.of(routing, rule, masked_wgrad),
+                                                self._sgtm_unit_set)
+            return super()._forward_impl(input, weight, *args, **kwargs)
         if routing is not None and (rule.retain_path_zeroing or rule.forget_token_gate):
             input = gate_row_input(input, routing, self._sgtm_units,
                                    rule.retain_path_zeroing, rule.forget_token_gate)
@@ -160,6 +187,8 @@ class RoutedNorm(torch.nn.Module):
         if not self.masked or routing is None or not routing.has_forget:
             return self._normalise(x, self.weight, self.bias)
         x_hat = self._normalise(x, None, None)
+        if sequence_spans_active(routing, x):
+            return SeqMaskedAffine.apply(x_hat, self.weight, self.bias, kept_spans(routing))
         return MaskedAffine.apply(x_hat, self.weight, self.bias, routing.kept_index(x.device))
 
 
@@ -168,6 +197,8 @@ def drop_forget_grads_hook(_module, _inputs, output):
     routing = routing_mod.current()
     if routing is None or not routing.has_forget or not torch.is_grad_enabled():
         return output
+    if sequence_spans_active(routing, output):
+        return SeqDropGrads.apply(output, routing.spans[FORGET])
     return DropTokenGrads.apply(output, routing.forget_index(output.device))
 
 

@@ -19,6 +19,9 @@ from .transfer import to_device
 UNLABELED, RETAIN, FORGET = 0, 1, 2
 LABEL_NAMES = {UNLABELED: "unlabeled", RETAIN: "retain", FORGET: "forget"}
 
+# Half-open ranges ``(start, stop)`` of the batch dimension: whole sequences.
+Spans = tuple[tuple[int, int], ...]
+
 ROW_ROLES = ("proj", "fc2")
 COLUMN_ROLES = ("qkv", "fc1")
 
@@ -72,6 +75,9 @@ class TokenRouting:
     """
 
     labels: torch.Tensor  # [b, s] integer tensor as given by the data loader
+    # Take the copy-free per-sequence path (seq_masking.py) where the labels allow it; False
+    # forces the per-token path everywhere (tests compare the two).
+    use_spans: bool = True
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -89,6 +95,7 @@ class TokenRouting:
         # a guard on a count would recompile for every new count.
         self.has_forget = bool((flat == FORGET).any())
         self.has_retain = bool((flat == RETAIN).any())
+        self.spans = label_spans(host)
 
     def prepare(self, device) -> "TokenRouting":
         """Move every per-token tensor to ``device`` now, outside any compiled region."""
@@ -97,6 +104,13 @@ class TokenRouting:
         for label in (RETAIN, FORGET):
             self.token_flags(label, device)
         return self
+
+    def memo(self, key, make):
+        """A host-side value derived from the labels, computed once per micro-batch (plans
+        that every layer with the same rule shares)."""
+        if key not in self._device_cache:
+            self._device_cache[key] = make()
+        return self._device_cache[key]
 
     def _cached(self, key, device, make):
         full = (key, str(device))
@@ -140,6 +154,22 @@ class TokenRouting:
         return self._cached(("cols", label, columns, width, invert_columns), device, make)
 
 
+def label_spans(labels: torch.Tensor) -> dict[int, Spans] | None:
+    """Per label, the maximal runs of consecutive sequences carrying it, when every sequence
+    of ``labels`` ([b, s], host) carries one label; None when some sequence mixes labels."""
+    if labels.shape[1] and not bool((labels == labels[:, :1]).all()):
+        return None
+    per_sequence = labels[:, 0].tolist() if labels.shape[1] else [UNLABELED] * labels.shape[0]
+    runs: dict[int, list[tuple[int, int]]] = {UNLABELED: [], RETAIN: [], FORGET: []}
+    for b, label in enumerate(per_sequence):
+        spans = runs[label]
+        if spans and spans[-1][1] == b:
+            spans[-1] = (spans[-1][0], b + 1)
+        else:
+            spans.append((b, b + 1))
+    return {label: tuple(spans) for label, spans in runs.items()}
+
+
 _state = threading.local()
 
 
@@ -148,13 +178,13 @@ def current() -> TokenRouting | None:
 
 
 @contextlib.contextmanager
-def route(labels: torch.Tensor | None, device=None):
+def route(labels: torch.Tensor | None, device=None, use_spans: bool = True):
     """Make ``labels`` ([b, s], codes 0/1/2) the routing for forwards run inside the block.
 
     Pass ``device`` to move the per-token index tensors there up front (needed under
-    torch.compile, harmless otherwise)."""
+    torch.compile, harmless otherwise). ``use_spans=False`` forces the per-token path."""
     previous = current()
-    _state.routing = None if labels is None else TokenRouting(labels)
+    _state.routing = None if labels is None else TokenRouting(labels, use_spans=use_spans)
     if _state.routing is not None and device is not None:
         _state.routing.prepare(device)
     try:

@@ -158,7 +158,9 @@ def reference_grads(core, full_state, tokens, targets, labels):
 
 
 # ---------------------------------------------------------------- code under test
-def routed_grads(core, full_state, tokens, targets, labels, tp, rank):
+def routed_grads(core, full_state, tokens, targets, labels, tp, rank, use_spans=True):
+    """``use_spans``: the copy-free per-sequence path (seq_masking.py) where labels allow it;
+    False forces the per-token path (masking.py)."""
     from megatron_sgtm.model import build_model
     from megatron_sgtm.routing import route
     from tp_utils import gather_full, load_full_state
@@ -166,7 +168,7 @@ def routed_grads(core, full_state, tokens, targets, labels, tp, rank):
     gated = core.model.activation == "swiglu"
     model = build_model(core)
     load_full_state(model, full_state, tp, rank, gated)
-    with route(labels):
+    with route(labels, use_spans=use_spans):
         loss = token_loss(model, tokens, targets)
     loss.sum().backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
@@ -216,7 +218,7 @@ def slice_norms(core, grads):
     return out
 
 
-def slice_matrix(family, full_state, dtype="fp32"):
+def slice_matrix(family, full_state, dtype="fp32", use_spans=True):
     """Gradient norm per slice for forget-only and retain-path-only batches, every routing;
     ``dtype`` bf16 builds the model as GPU training does (all parameters bf16)."""
     from megatron_sgtm.model import build_model
@@ -233,7 +235,7 @@ def slice_matrix(family, full_state, dtype="fp32"):
                 {torch.bfloat16 if dtype == "bf16" else torch.float32}
             load_full_state(model, full_state, 1, 0, core.model.activation == "swiglu")
             labels = torch.full(tokens.shape, label)
-            with route(labels):
+            with route(labels, use_spans=use_spans):
                 token_loss(model, tokens, targets).sum().backward()
             grads = {n: p.grad.float() for n, p in model.named_parameters()}
             result[(rname, label)] = slice_norms(core, grads)
@@ -249,16 +251,25 @@ def _init(world):
 
 def world1(rank, world):
     _init(world)
-    out = {"states": {}, "ref": {}, "ours": {}, "slices": {}, "slices_bf16": {}}
+    out = {"states": {}, "ref": {}, "ours": {}, "ours_tokens": {}, "ours_sorted": {},
+           "slices": {}, "slices_tokens": {}, "slices_bf16": {}}
+    order = sorted(range(len(SEQ_LABELS)), key=lambda b: -SEQ_LABELS[b])  # [2, 2, 1, 1, 0, 0]
     for family in MODEL_FAMILIES:
         full = initial_state(family)
         out["states"][family] = full
         tokens, targets, labels = batch(family)
         for rname, routing in ROUTINGS.items():
             core = core_config(family, routing, 1)
-            out["ref"][(family, rname)] = reference_grads(core, full, tokens, targets, labels)
-            out["ours"][(family, rname)] = routed_grads(core, full, tokens, targets, labels, 1, 0)
+            key = (family, rname)
+            out["ref"][key] = reference_grads(core, full, tokens, targets, labels)
+            out["ours"][key] = routed_grads(core, full, tokens, targets, labels, 1, 0)
+            out["ours_tokens"][key] = routed_grads(core, full, tokens, targets, labels, 1, 0,
+                                                   use_spans=False)
+            # The same sequences, ordered by label as the training loader builds batches.
+            out["ours_sorted"][key] = routed_grads(core, full, tokens[order], targets[order],
+                                                   labels[order], 1, 0)
         out["slices"][family] = slice_matrix(family, full)
+        out["slices_tokens"][family] = slice_matrix(family, full, use_spans=False)
         out["slices_bf16"][family] = slice_matrix(family, full, dtype="bf16")
     out["ablation"] = ablation_check(out["states"], 1, 0)
     return out
@@ -266,13 +277,14 @@ def world1(rank, world):
 
 def world_n(rank, world, states):
     _init(world)
-    out = {"ours": {}}
+    out = {"ours": {}, "ours_tokens": {}}
     for family, full in states.items():
         tokens, targets, labels = batch(family)
         for rname, routing in ROUTINGS.items():
             core = core_config(family, routing, world)
-            out["ours"][(family, rname)] = routed_grads(core, full, tokens, targets, labels,
-                                                        world, rank)
+            for path, use_spans in (("ours", True), ("ours_tokens", False)):
+                out[path][(family, rname)] = routed_grads(core, full, tokens, targets, labels,
+                                                          world, rank, use_spans=use_spans)
     out["ablation"] = ablation_check(states, world, rank)
     out["collectives"] = count_collectives(states, world, rank)
     return out if rank == 0 else None
