@@ -81,18 +81,21 @@ class _RoutedLinearMixin:
         self._check_supported(kwargs)
         return self._masked_forward(routing, input, weight, kwargs.get("bias"),
                                     kwargs.get("allreduce_dgrad", False), kwargs.get("tp_group"),
-                                    on_rows)
+                                    bool(kwargs.get("sequence_parallel")), on_rows)
 
-    def _masked_forward(self, routing, input, weight, bias, allreduce_dgrad, tp_group, on_rows):
+    def _masked_forward(self, routing, input, weight, bias, allreduce_dgrad, tp_group,
+                        sequence_parallel, on_rows):
+        """Under sequence parallelism a column layer's input is this rank's sequence slice;
+        the GEMM (and so the masks) covers the gathered whole sequence."""
         device = input.device
         if on_rows and sequence_spans_active(routing, input):
             return SeqMaskedColumnLinear.apply(
                 input, weight, bias, kept_spans(routing), self._sgtm_unit_set,
-                self._sgtm_mask_bias, allreduce_dgrad, tp_group)
+                self._sgtm_mask_bias, allreduce_dgrad, tp_group, sequence_parallel)
         return MaskedWgradLinear.apply(
             input, weight, bias, routing.kept_index(device), routing.forget_index(device),
             self._units_on(device), self._sgtm_runs, on_rows, self._sgtm_mask_bias,
-            allreduce_dgrad, tp_group)
+            allreduce_dgrad, tp_group, sequence_parallel)
 
     def _wrap_bias(self, output, bias):
         routing = self._masks_wgrad_now()
@@ -100,6 +103,7 @@ class _RoutedLinearMixin:
             return bias
         device = output.device
         is_column = isinstance(self, ColumnParallelLinear)
+        routing = routing.for_length(output.shape[0])  # a row layer's output may be a slice
         if sequence_spans_active(routing, output):
             # Column biases: every sequence updates the forget-unit entries; row (output)
             # biases are retain parameters, updated by all but forget-labelled sequences.
@@ -113,8 +117,6 @@ class _RoutedLinearMixin:
 
     @staticmethod
     def _check_supported(kwargs):
-        if kwargs.get("sequence_parallel"):
-            raise NotImplementedError("SGTM routing does not support sequence parallelism yet")
         if kwargs.get("gradient_accumulation_fusion"):
             raise NotImplementedError(
                 "SGTM routing needs gradient_accumulation_fusion off (it masks the wgrad GEMM)")
@@ -184,6 +186,8 @@ class RoutedNorm(torch.nn.Module):
 
     def forward(self, x):
         routing = routing_mod.current()
+        if routing is not None:
+            routing = routing.for_length(x.shape[0])  # a sequence-parallel slice
         if not self.masked or routing is None or not routing.has_forget:
             return self._normalise(x, self.weight, self.bias)
         x_hat = self._normalise(x, None, None)
@@ -195,6 +199,8 @@ class RoutedNorm(torch.nn.Module):
 def drop_forget_grads_hook(_module, _inputs, output):
     """Forward hook for the embedding: forget tokens give the embedding tables no gradient."""
     routing = routing_mod.current()
+    if routing is not None:
+        routing = routing.for_length(output.shape[0])  # scattered under sequence parallelism
     if routing is None or not routing.has_forget or not torch.is_grad_enabled():
         return output
     if sequence_spans_active(routing, output):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -78,6 +79,9 @@ class TokenRouting:
     # Take the copy-free per-sequence path (seq_masking.py) where the labels allow it; False
     # forces the per-token path everywhere (tests compare the two).
     use_spans: bool = True
+    # Sequence parallelism: (TP rank, TP size). Norms, row-layer biases and the embedding see
+    # this rank's slice of the sequence, and read the routing of that slice (``for_length``).
+    sequence_shard: Optional[tuple[int, int]] = None
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -96,6 +100,25 @@ class TokenRouting:
         self.has_forget = bool((flat == FORGET).any())
         self.has_retain = bool((flat == RETAIN).any())
         self.spans = label_spans(host)
+        self.local = None
+        if self.sequence_shard is not None:
+            rank, size = self.sequence_shard
+            if self.seq % size:
+                raise ValueError(f"sequence length {self.seq} is not divisible by the "
+                                 f"sequence-parallel size {size}")
+            width = self.seq // size
+            self.local = TokenRouting(host[:, rank * width:(rank + 1) * width],
+                                      use_spans=self.use_spans)
+
+    def for_length(self, seq: int) -> "TokenRouting":
+        """The routing of activations with ``seq`` positions: the whole sequence, or under
+        sequence parallelism this rank's slice of it."""
+        if seq == self.seq:
+            return self
+        if self.local is not None and seq == self.local.seq:
+            return self.local
+        raise ValueError(f"activations with {seq} positions match neither the routed sequence "
+                         f"({self.seq}) nor its sequence-parallel slice")
 
     def prepare(self, device) -> "TokenRouting":
         """Move every per-token tensor to ``device`` now, outside any compiled region."""
@@ -103,6 +126,8 @@ class TokenRouting:
         self.kept_index(device)
         for label in (RETAIN, FORGET):
             self.token_flags(label, device)
+        if self.local is not None:
+            self.local.prepare(device)
         return self
 
     def memo(self, key, make):
@@ -178,13 +203,16 @@ def current() -> TokenRouting | None:
 
 
 @contextlib.contextmanager
-def route(labels: torch.Tensor | None, device=None, use_spans: bool = True):
+def route(labels: torch.Tensor | None, device=None, use_spans: bool = True,
+          sequence_shard: Optional[tuple[int, int]] = None):
     """Make ``labels`` ([b, s], codes 0/1/2) the routing for forwards run inside the block.
 
     Pass ``device`` to move the per-token index tensors there up front (needed under
-    torch.compile, harmless otherwise). ``use_spans=False`` forces the per-token path."""
+    torch.compile, harmless otherwise). ``use_spans=False`` forces the per-token path.
+    ``sequence_shard``: (TP rank, TP size) under sequence parallelism."""
     previous = current()
-    _state.routing = None if labels is None else TokenRouting(labels, use_spans=use_spans)
+    _state.routing = None if labels is None else TokenRouting(
+        labels, use_spans=use_spans, sequence_shard=sequence_shard)
     if _state.routing is not None and device is not None:
         _state.routing.prepare(device)
     try:

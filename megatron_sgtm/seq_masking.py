@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
-from .masking import _custom_bwd, _custom_fwd
+from .masking import _custom_bwd, _custom_fwd, column_backward, column_input
 from .partition import Runs
 from .routing import FORGET, RETAIN, UNLABELED, Spans, TokenRouting
 
@@ -201,11 +200,12 @@ class SeqMaskedColumnLinear(torch.autograd.Function):
     @staticmethod
     @_custom_fwd
     def forward(ctx, x, weight, bias, wide: Spans, units: Units, mask_bias: bool,
-                allreduce_dgrad, tp_group):
+                allreduce_dgrad, tp_group, sequence_parallel=False):
         ctx.save_for_backward(x, weight)
         ctx.wide, ctx.units, ctx.mask_bias = wide, units, mask_bias
         ctx.has_bias, ctx.allreduce_dgrad, ctx.tp_group = bias is not None, allreduce_dgrad, tp_group
-        out = torch.matmul(x, weight.t())
+        ctx.sequence_parallel = sequence_parallel
+        out = torch.matmul(column_input(x, sequence_parallel, tp_group), weight.t())
         return out + bias if bias is not None else out
 
     @staticmethod
@@ -213,18 +213,18 @@ class SeqMaskedColumnLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         every = ((0, grad_out.shape[1]),)
-        grad_in = grad_out.matmul(weight)
-        handle = None
-        if ctx.allreduce_dgrad:
-            handle = dist.all_reduce(grad_in, group=ctx.tp_group, async_op=True)
-        grad_w = seq_weight_grad(grad_out, x, ctx.wide, every, ctx.units, on_rows=True)
-        grad_b = None
-        if ctx.has_bias:
-            grad_b = (seq_bias_grad(grad_out, ctx.wide, every, ctx.units) if ctx.mask_bias
-                      else grad_out.sum((0, 1)))
-        if handle is not None:
-            handle.wait()
-        return grad_in, grad_w.to(weight.dtype), grad_b, None, None, None, None, None
+
+        def weight_grads(total):
+            grad_w = seq_weight_grad(grad_out, total, ctx.wide, every, ctx.units, on_rows=True)
+            grad_b = None
+            if ctx.has_bias:
+                grad_b = (seq_bias_grad(grad_out, ctx.wide, every, ctx.units) if ctx.mask_bias
+                          else grad_out.sum((0, 1)))
+            return grad_w.to(weight.dtype), grad_b
+
+        grads = column_backward(x, weight, grad_out, ctx.sequence_parallel, ctx.allreduce_dgrad,
+                                ctx.tp_group, weight_grads)
+        return grads + (None,) * 7
 
 
 @dataclass(frozen=True)

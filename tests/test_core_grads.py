@@ -24,9 +24,11 @@ def tp1():
     return run_distributed(world1, 1)[0]
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+@pytest.fixture(scope="module", params=[(2, False), (4, False), (2, True)],
+                ids=["tp2", "tp4", "tp2_sp"])
 def tpn(request, tp1):
-    return request.param, run_distributed(world_n, request.param, tp1["states"])[0]
+    tp, sequence_parallel = request.param
+    return tp, run_distributed(world_n, tp, tp1["states"], sequence_parallel)[0]
 
 
 def _assert_grads_close(ours: dict, ref: dict, what: str):
@@ -142,6 +144,22 @@ def test_ablation_equals_retain_mode_tp1(tp1):
 def test_ablation_equals_retain_mode_tpn(tpn):
     tp, result = tpn
     _check_ablation(result["ablation"], tp)
+
+
+def test_per_slice_gradient_matrix_under_sequence_parallelism(tp1, tpn):
+    """TP=2 with sequence parallelism: every slice's gradient, gathered, equals the TP=1
+    matrix's zero / non-zero pattern (and, up to float tolerance, its norms)."""
+    tp, result = tpn
+    if "slices" not in result:
+        pytest.skip("sequence-parallel case only")
+    for family, matrix in result["slices"].items():
+        for key, norms in matrix.items():
+            routing, label = key
+            for name, norm in norms.items():
+                reference = tp1["slices"][family][key][name]
+                if _expected_zero(routing, name, label):
+                    assert norm == 0.0, f"SP {routing}: {name} must get no gradient from {label}"
+                assert abs(norm - reference) <= 1e-4 * max(1.0, reference), (family, key, name)
 
 
 def test_routing_adds_no_collectives(tpn):
