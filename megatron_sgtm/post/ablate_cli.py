@@ -58,7 +58,7 @@ def _main(args) -> int:
     tp = start(args.tp)
     if args.out.exists():
         raise PostError(f"output {args.out}: already exists; choose another directory")
-    model, core, meta = ckpt_io.load(args.checkpoint, tp)
+    model, core, meta = ckpt_io.load(args.checkpoint, tp, args.trust_checkpoint)
     zeroed = zero_forget_(model)
     if max_abs_forget(model) != 0.0:
         raise PostError("internal: theta_forget is not zero after ablation")
