@@ -3,7 +3,8 @@
 The checkpoint's metadata holds the full config and the partition's global forget ids; the
 model is rebuilt from that config at the TP size of this process (dist_checkpointing
 reshards), and the stored partition must equal the one the config implies. Every load goes
-through the checkpoint's sha256 and pickle checks (``checkpoint/verify.py``).
+through the checkpoint's sha256 and pickle checks (``checkpoint/verify.py``); a Hugging Face
+safetensors export is loaded instead by ``hf_import.py``, with no pickle at all.
 """
 from __future__ import annotations
 
@@ -131,9 +132,13 @@ def check_tokenizer(meta: dict, manifest: dict, path: Path, data: Path) -> None:
 def load(path: Path, tensor_parallel: int, trust_pickle: bool = False):
     """(model, core, metadata) for this process's TP rank. parallel_state must be set up.
 
+    ``path``: a checkpoint (or a root), or a Hugging Face safetensors export directory.
     ``trust_pickle`` (``--trust-checkpoint``) admits pickled content outside the allowlist."""
     from ..model import build_model
+    from . import hf_import
 
+    if hf_import.is_hf_export(path):
+        return hf_import.load(path, tensor_parallel)
     path = resolve(path)
     meta = metadata(path)
     core = core_config(meta, path, tensor_parallel)
