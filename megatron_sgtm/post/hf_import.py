@@ -248,26 +248,18 @@ def _from_llama(hf: dict, m: ModelConfig, path: Path) -> dict:
             "decoder.final_layernorm.weight": hf["model.norm.weight"]}
     for i in range(m.num_layers):
         p, d = f"model.layers.{i}.", f"decoder.layers.{i}."
-        a = p + "self_attn."
-        full.update({
-            d + "input_layernorm.weight": hf[p + "input_layernorm.weight"],
-            d + "pre_mlp_layernorm.weight": hf[p + "post_attention_layernorm.weight"],
-            d + "self_attention.linear_qkv.weight": merge_qkv(
-                hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"],
-                m.query_groups, hpg, m.head_dim),
-            d + "self_attention.linear_proj.weight": hf[a + "o_proj.weight"],
-            d + "mlp.linear_fc1.weight": torch.cat([hf[p + "mlp.gate_proj.weight"],
-                                                    hf[p + "mlp.up_proj.weight"]], 0),
-            d + "mlp.linear_fc2.weight": hf[p + "mlp.down_proj.weight"]})
-        if m.add_bias_linear:
+        full.update({d + "input_layernorm.weight": hf[p + "input_layernorm.weight"],
+                     d + "pre_mlp_layernorm.weight": hf[p + "post_attention_layernorm.weight"]})
+        for kind in ("weight", "bias") if m.add_bias_linear else ("weight",):
+            a, mlp = f"{p}self_attn.", f"{p}mlp."
             full.update({
-                d + "self_attention.linear_qkv.bias": merge_qkv(
-                    hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"],
+                f"{d}self_attention.linear_qkv.{kind}": merge_qkv(
+                    hf[f"{a}q_proj.{kind}"], hf[f"{a}k_proj.{kind}"], hf[f"{a}v_proj.{kind}"],
                     m.query_groups, hpg, m.head_dim),
-                d + "self_attention.linear_proj.bias": hf[a + "o_proj.bias"],
-                d + "mlp.linear_fc1.bias": torch.cat([hf[p + "mlp.gate_proj.bias"],
-                                                      hf[p + "mlp.up_proj.bias"]], 0),
-                d + "mlp.linear_fc2.bias": hf[p + "mlp.down_proj.bias"]})
+                f"{d}self_attention.linear_proj.{kind}": hf[f"{a}o_proj.{kind}"],
+                f"{d}mlp.linear_fc1.{kind}": torch.cat([hf[f"{mlp}gate_proj.{kind}"],
+                                                       hf[f"{mlp}up_proj.{kind}"]], 0),
+                f"{d}mlp.linear_fc2.{kind}": hf[f"{mlp}down_proj.{kind}"]})
     return full
 
 
