@@ -58,14 +58,15 @@ def test_listing_and_digest_problems_name_each_file(tmp_path):
     (tmp_path / "c").unlink()
     (tmp_path / "new").write_bytes(b"x")
     (tmp_path / "link").symlink_to(tmp_path / "sub" / "b")
+    (tmp_path / "linked_dir").symlink_to(tmp_path / "sub")
     listing = integrity.listing_problems(recorded, integrity.list_files(tmp_path))
-    assert [p.split(":")[0] for p in listing] == ["c", "link", "new"]
+    assert [p.split(":")[0] for p in listing] == ["c", "link", "linked_dir", "new"]
     assert "missing" in listing[0] and "not recorded" in listing[2]
     (digest,) = integrity.digest_problems(tmp_path, recorded, ["a", "sub/b"])
     assert digest.startswith("a: sha256")
     message = integrity.summary(listing + [digest], tmp_path)
     assert message.startswith(f"{tmp_path}: integrity check failed: c: missing")
-    assert "and 3 more" in message and "left as it is" in message
+    assert "and 4 more" in message and "left as it is" in message
 
 
 # ---------------------------------------------------------------- per-rank file

@@ -24,10 +24,13 @@ def list_files(directory: Path, exclude: Iterable[str] = ()) -> dict[str, int]:
     out = {}
     for path in sorted(directory.rglob("*")):
         name = path.relative_to(directory).as_posix()
-        if name in skip or path.is_dir():
+        if name in skip:
             continue
-        # A symlink could point anywhere (and change later): a checkpoint holds real files.
-        out[name] = -1 if path.is_symlink() or not path.is_file() else path.stat().st_size
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            # A link could point anywhere (and change later): a checkpoint holds real files.
+            out[name] = -1
+        elif path.is_file():
+            out[name] = path.stat().st_size
     return out
 
 

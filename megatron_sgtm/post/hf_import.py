@@ -78,6 +78,8 @@ def _checked_record(path: Path) -> Optional[dict]:
         raise PostError(f"{path / RECORD_FILE}: not a format-{RECORD_VERSION} export record")
     for name, want in sorted(record["files"].items()):
         file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise PostError(f"{path / RECORD_FILE}: lists {name!r}, which is outside the export")
         if not file.is_file():
             raise PostError(f"{file}: missing (listed in {RECORD_FILE})")
         if file.stat().st_size != want.get("bytes") or _sha256(file) != want.get("sha256"):
