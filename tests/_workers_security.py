@@ -262,6 +262,12 @@ def world_security(rank, world, tmp):
                                                           "--trust-checkpoint"])
     legacy["trusted_ablate_format"] = json.loads(
         (_step(tmp / "out" / "ablated") / "sgtm_meta.json").read_text())["format_version"]
+    cli_fn, cli_argv = commands(shards, tmp / "out", "megatron")["train"]
+    os.environ["MASTER_PORT"] = _port()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        code = cli_fn([str(a) for a in [*cli_argv(case), "--trust-checkpoint", "--dry-run"]])
+    legacy["trusted_cli"] = (code, printed.getvalue())
     train_fn, train_argv = commands(shards, tmp / "out", "megatron")["train_entry"]
     legacy["trusted_resume"] = _run("train_entry", train_fn, [*train_argv(case),
                                                               "checkpoint.trust_pickle=true"])

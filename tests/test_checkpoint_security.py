@@ -80,6 +80,8 @@ def test_format_1_needs_trust_and_then_upgrades(sec):
     code, err = legacy["trusted_ablate"]
     assert code == 0, err
     assert legacy["trusted_ablate_format"] == 2
+    code, printed = legacy["trusted_cli"]  # sgtm train's flag reaches the torchrun entry
+    assert code == 0 and "checkpoint.trust_pickle=true" in printed, printed
     code, err = legacy["trusted_resume"]
     assert code == 0, err
     assert legacy["resumed_format"] == 2
