@@ -30,6 +30,9 @@ class _Encoder:
         self.tensors: dict[str, torch.Tensor] = {}
 
     def tensor(self, name: str, value: torch.Tensor) -> str:
+        if not isinstance(value, torch.Tensor):  # e.g. megatron's cudagraph-safe RNG Generators
+            raise CheckpointError(f"{name}: a {type(value).__name__} cannot be stored (RNG "
+                                  "states must be tensors)")
         # safetensors stores each tensor once, dense and on the CPU.
         self.tensors[name] = value.detach().to("cpu").contiguous().clone()
         return name
