@@ -107,6 +107,10 @@ class CheckpointConfig:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
     resume: Literal["auto", "never", "require"] = "auto"
+    # Load pickled objects from the checkpoint to resume even when they are not on the
+    # allowlist (format-1 per-rank pickles, unknown classes): only for checkpoints whose origin
+    # you trust. `sgtm train --trust-checkpoint` sets it. sha256 checks apply regardless.
+    trust_pickle: bool = False
 
     def problems(self) -> list[str]:
         out = []
