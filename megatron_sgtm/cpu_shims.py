@@ -6,6 +6,8 @@ megatron-core assumes a GPU in a few places:
 - the model-parallel RNG tracker forks the *CUDA* generator -> fork the CPU generator instead;
 - ``torch.cuda.synchronize()`` in dist_checkpointing save paths -> a no-op;
 - the pipeline schedules create their token counter with ``device="cuda"`` -> on the CPU;
+- activation checkpointing saves and restores the CUDA generator next to the CPU one -> the
+  CUDA part is an empty state (the CPU generator and the tracker are still restored);
 - ``torch.cuda.is_available()``-style checks elsewhere are left alone.
 
 Our attention is always causal through ``is_causal=True``, so megatron's default mask builder
@@ -94,5 +96,7 @@ def apply_cpu_shims(force: bool = False) -> bool:
     mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     schedules.torch = _TorchWithCPUCounters(torch)
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _APPLIED = True
     return True

@@ -72,6 +72,11 @@ def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # Individual isend/irecv, ordered by even/odd stage (megatron's non-batched path). In
+        # one batched call two transfers between the same pair of ranks can be matched the
+        # wrong way round (with two stages, next and previous are the same rank, and the
+        # interleaved schedule sends both ways at once): equal shapes, silently swapped.
+        batch_p2p_comm=False,
         bias_activation_fusion=use_gpu and model.add_bias_linear,
         bias_dropout_fusion=use_gpu,
         masked_softmax_fusion=False,
