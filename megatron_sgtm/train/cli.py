@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         "Pretrain with SGTM or a baseline on this machine: validates the config, the shards and "
         "any checkpoint to resume, then runs torchrun --standalone."))
     p.add_argument("--config", required=True, help="experiment YAML (see configs/train/)")
-    p.add_argument("--nproc", type=int, default=1, help="processes (DP x TP), default 1")
+    p.add_argument("--nproc", type=int, default=1, help="processes (DP x TP x PP), default 1")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (overrides the config)")
     p.add_argument("--dry-run", action="store_true", help="check and print the command only")
     p.add_argument("--trust-checkpoint", action="store_true",

@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         try:
-            init_parallel(cfg.tensor_parallel, cfg.train.seed)
+            init_parallel(cfg.tensor_parallel, cfg.train.seed,
+                          pipeline_parallel=cfg.pipeline_parallel,
+                          virtual_pipeline_parallel=cfg.virtual_pipeline_parallel)
             result = train(cfg)
         except (TrainError, ConfigError) as exc:
             if rank == 0:
