@@ -25,6 +25,18 @@ class Corpus:
     input_sha256: dict[str, str] = field(default_factory=dict)  # shard input -> sha256
     counts: DocCounts = field(default_factory=DocCounts)
 
+    @property
+    def skipped_empty(self) -> int:
+        return self.counts.skipped_empty
+
+    @property
+    def uncategorized_docs(self) -> int:
+        return self.counts.uncategorized
+
+    @property
+    def dropped_docs(self) -> int:
+        return self.counts.dropped
+
 
 def load_corpus(recipe: Recipe) -> Corpus:
     plan = make_plan(recipe)
