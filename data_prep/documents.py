@@ -4,8 +4,9 @@ Truth codes (also written as ``*_truth.npy``): 0 = retain, 1 = forget, 2 = adjac
 
 Paragraph granularity splits a document on blank lines (``\\n`` followed by optional
 whitespace and another ``\\n``); whitespace-only paragraphs are dropped. With a source's
-``paragraph_domains_field`` every paragraph carries its own truth, and the document's truth
-is then forget if any paragraph is forget, else adjacent if any is adjacent, else retain.
+``paragraph_domains_field`` every paragraph carries its own truth (at either granularity),
+and the document's truth is then forget if any paragraph is forget, else adjacent if any is
+adjacent, else retain.
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def split_paragraphs(text: str) -> list[str]:
 
 
 def default_text_field(src: SourceConfig) -> str:
+    if src.kind == "wiki_mixed":
+        return src.text_field or "text"
     return src.text_field or ("extract" if src.kind == "wiki_offline" else "text")
 
 
@@ -109,14 +112,15 @@ def to_doc(where, rec: dict, src: SourceConfig, recipe: Recipe, counts: DocCount
     if truth is None:
         counts.dropped += 1
         return None
-    if recipe.classifier.granularity != "paragraph":
+    by_paragraph = recipe.classifier.granularity == "paragraph"
+    if not (by_paragraph or src.paragraph_domains_field):
         return Doc(text, truth)
     paragraphs = split_paragraphs(text)
     ptruth = None
     if src.paragraph_domains_field:
         ptruth = _paragraph_truth(rec, src, len(paragraphs), where)
         truth = FORGET if FORGET in ptruth else ADJACENT if ADJACENT in ptruth else RETAIN
-    return Doc(text, truth, paragraphs, ptruth)
+    return Doc(text, truth, paragraphs if by_paragraph else None, ptruth)
 
 
 class _Where:

@@ -7,7 +7,7 @@ worker count, so every executor runs the same tasks and writes the same files.
   belongs to the range holding its first byte.
 - ``parquet``: consecutive row groups up to about ``target_bytes`` (compressed) per shard.
 - ``hf``: ``Dataset.shard(num_shards, index)`` (contiguous) or the streaming equivalent.
-- ``txt``, ``wiki_offline``, ``bible``: one shard per file (a txt document may span any
+- ``txt``, ``wiki_offline``, ``wiki_mixed``, ``bible``: one shard per file (or module) (a txt document may span any
   byte position, so txt is cut by file; split very large txt corpora into files).
 
 Each shard also hashes the input bytes it owns (the whole file for whole-file shards), which
@@ -74,8 +74,8 @@ def _wiki_path(src: SourceConfig) -> tuple[Path, str]:
 
 
 def source_version(src: SourceConfig) -> str:
-    if src.kind == "wiki_offline":
-        return _wiki_path(src)[1]
+    if src.kind in ("wiki_offline", "wiki_mixed"):
+        return _wiki_path(SourceConfig(name=src.name, lang=src.lang or "en"))[1]
     if src.kind == "hf":
         import datasets
 
@@ -111,6 +111,9 @@ def make_plan(recipe: Recipe) -> list[ShardSpec]:
         if src.kind == "wiki_offline":
             path = _wiki_path(src)[0]
             raw.append((si, str(path), 0, 0, path.stat().st_size))
+        elif src.kind == "wiki_mixed":
+            sizes = sum(_wiki_path(SourceConfig(lang=lang, name=src.name))[0].stat().st_size for lang in ("en", "es"))
+            raw.append((si, None, 0, 0, sizes))
         elif src.kind == "jsonl":
             for path in input_files(src, (".jsonl", ".json")):
                 size = path.stat().st_size
@@ -226,6 +229,15 @@ def _records(spec: ShardSpec, src: SourceConfig, digest) -> Iterator[tuple[objec
             raise PrepError(f"{spec.path}: not valid JSON ({e})") from None
         for key, rec in data.items():
             yield f"article {key!r}", {"id": key, **rec}
+    elif src.kind == "wiki_mixed":
+        from data_prep.mixed import mixed_records
+
+        raws = []
+        for lang in ("en", "es"):
+            with open(_wiki_path(SourceConfig(lang=lang, name=src.name))[0], "rb") as f:
+                raws.append(f.read())
+            digest.update(raws[-1])
+        yield from mixed_records(src, *raws)
     elif src.kind == "txt":
         text = decode(_whole_file(spec, digest), spec.path)
         for i, chunk in enumerate(text.split(src.separator)):

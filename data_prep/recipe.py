@@ -18,7 +18,7 @@ import yaml
 from data_prep.errors import PrepError
 from megatron_sgtm.configbase import ConfigError, config_from_dict
 
-SOURCE_KINDS = ("wiki_offline", "jsonl", "parquet", "txt", "hf", "bible")
+SOURCE_KINDS = ("wiki_offline", "wiki_mixed", "jsonl", "parquet", "txt", "hf", "bible")
 DOMAINS = ("retain", "forget", "adjacent", "topic")
 
 
@@ -52,6 +52,8 @@ class SourceConfig:
     paragraph_domains_field: Optional[str] = None
     # hf: the dataset is read as this many ``Dataset.shard(num_shards, index)`` pieces.
     num_shards: int = 1
+    # wiki_mixed: seed of the mixed-language documents built from the embedded leads.
+    mix_seed: int = 0
 
 
 @dataclass
@@ -187,8 +189,8 @@ def _check_values(r: Recipe, errors: list[str]) -> None:
             errors.append(f"{p}.num_shards: must be >= 1")
         if s.num_shards > 1 and s.kind != "hf":
             errors.append(f"{p}.num_shards: only for kind hf (files are sharded by sharding.target_bytes)")
-        if s.paragraph_domains_field and r.classifier.granularity != "paragraph":
-            errors.append(f"{p}.paragraph_domains_field: needs classifier.granularity: paragraph")
+        if s.kind == "wiki_mixed" and s.paragraph_domains_field != "paragraph_domains":
+            errors.append(f"{p}.paragraph_domains_field: wiki_mixed records their truth in 'paragraph_domains'")
     if len(set(names)) != len(names):
         errors.append("sources: names must be unique")
     if r.max_docs is not None and r.max_docs < 1:

@@ -1,4 +1,4 @@
-"""Many shards' memory maps as one flat array, and the label runs inside documents.
+"""Many shards' memory maps as one flat array, and where labels change inside it.
 
 ``FlatConcat`` answers the two reads the batch builders make (an integer position array, or a
 contiguous slice) by mapping global positions to (shard, local position); nothing is copied
@@ -55,23 +55,11 @@ class FlatConcat:
         return out
 
 
-def label_runs(labels, doc_offsets: np.ndarray, doc_lengths: np.ndarray, docs: np.ndarray,
-               block: int = 1 << 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Maximal runs of one label inside the documents ``docs`` (sorted): arrays
-    ``(run_doc, run_start, run_length)``, run_start relative to the document."""
-    run_doc, run_start, run_len = [], [], []
-    for d in docs:
-        a, n = int(doc_offsets[d]), int(doc_lengths[d])
-        starts = [0]
-        for b in range(0, n, block):
-            seg = np.asarray(labels[a + max(b - 1, 0):a + min(b + block, n)])
-            change = np.flatnonzero(seg[1:] != seg[:-1]) + 1 + max(b - 1, 0)
-            starts.extend(change.tolist())
-        starts = np.asarray(sorted(set(starts)), np.int64)
-        run_doc.append(np.full(len(starts), d, np.int64))
-        run_start.append(starts)
-        run_len.append(np.diff(np.append(starts, n)))
-    if not run_doc:
-        z = np.zeros(0, np.int64)
-        return z, z, z
-    return np.concatenate(run_doc), np.concatenate(run_start), np.concatenate(run_len)
+def label_changes(labels, n: int, block: int = 1 << 24) -> np.ndarray:
+    """Flat positions ``p`` with ``labels[p] != labels[p - 1]``, read in bounded blocks."""
+    out = []
+    for b in range(0, n, block):
+        a = max(b - 1, 0)
+        seg = np.asarray(labels[a:min(b + block, n)])
+        out.append(np.flatnonzero(seg[1:] != seg[:-1]) + a + 1)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)

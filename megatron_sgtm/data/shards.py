@@ -158,24 +158,21 @@ class ShardSplit:
         (by tokens) of its tokens' truth."""
         if self.mixed_label_docs == 0:
             return None
-        from .concat import label_runs
+        from .concat import label_changes
 
-        mixed = np.flatnonzero(self.doc_label_min != self.doc_labels)
-        r_doc, r_start, r_len = label_runs(self.labels, self.doc_offsets, self.doc_lengths, mixed)
-        whole = np.setdiff1d(np.arange(self.num_docs), mixed)
-        doc = np.concatenate([whole, r_doc])
-        start = np.concatenate([np.zeros(len(whole), np.int64), r_start])
-        length = np.concatenate([self.doc_lengths[whole], r_len])
-        order = np.lexsort((start, doc))
-        doc, start, length = doc[order], start[order], length[order]
-        first = self.doc_offsets[doc] + start
-        label = self.labels[first].astype(np.int64)
-        truth = self.doc_truth[doc].copy()
-        if self.span_offsets is not None:
-            split_units = np.flatnonzero(np.isin(doc, mixed))
-            for u in split_units:  # few: only the pieces of mixed documents
-                t = self.truth_at(np.arange(first[u], first[u] + length[u]))
-                truth[u] = np.bincount(t, minlength=TRUTH_MAX + 1).argmax()
+        starts = np.union1d(self.doc_offsets, label_changes(self.labels, self.num_tokens))
+        doc = np.searchsorted(self.doc_offsets, starts, side="right") - 1
+        start = starts - self.doc_offsets[doc]
+        length = np.diff(np.append(starts, self.num_tokens))
+        label = self.labels[starts].astype(np.int64)
+        if self.span_offsets is None:
+            truth = self.doc_truth[doc]
+        else:  # labels change only at span boundaries, so each unit is whole spans
+            unit_of_span = np.searchsorted(starts, self.span_offsets, side="right") - 1
+            votes = np.zeros((len(starts), TRUTH_MAX + 1), np.int64)
+            span_len = np.diff(np.append(self.span_offsets, self.num_tokens))
+            np.add.at(votes, (unit_of_span, self.span_truth), span_len)
+            truth = votes.argmax(axis=1)
         return doc, start, length, label, truth
 
 
