@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["prep"]:
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    # Intermixed: recipe overrides may come before or after the flags.
+    args = build_parser().parse_intermixed_args(argv)
     try:
         return run(args)
     except PrepError as e:

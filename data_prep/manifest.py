@@ -59,9 +59,10 @@ def check_state(out: Path, plan_text: str, stamps: dict) -> bool:
                             "sgtm prep; choose another directory or pass --force")
         return False
     same_plan = (state / PLAN).read_text(encoding="utf-8") == plan_text
-    if same_plan and _read_json(state / INPUTS) == stamps:
+    same_inputs = _read_json(state / INPUTS) == stamps
+    if same_plan and same_inputs:
         return True
-    what = "a different recipe or shard plan" if not same_plan else "input files changed since it was made"
+    what = "input files changed since it was made" if not same_inputs else "a different recipe or shard plan"
     raise PrepError(f"output {out}: holds a different corpus ({what}; recipe {old_plan.get('recipe_name')!r}, "
                     f"fingerprint {str(old_plan.get('recipe_fingerprint'))[:12]}); "
                     "choose another directory or pass --force")

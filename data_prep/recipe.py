@@ -7,8 +7,6 @@ in one round instead of one key at a time.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -118,7 +116,7 @@ class NoiseConfig:
 
 @dataclass
 class ShardingConfig:
-    # Large jsonl/txt files are cut into byte ranges of about this size (parquet: row
+    # Large jsonl files are cut into byte ranges of about this size (parquet: row
     # groups); each range is one map task with bounded memory.
     target_bytes: int = 64_000_000
     # Corpus-wide steps (held-out split, tokenizer, topic classifier) read at most this
@@ -149,14 +147,6 @@ class Recipe:
         errors: list[str] = []
         _check_values(self, errors)
         return errors
-
-    def corpus_fingerprint(self, extra: Optional[dict] = None) -> str:
-        """Identity of the tokenized corpus; the noise policy is excluded on purpose,
-        because relabelling changes it without changing the corpus."""
-        d = self.to_dict()
-        d.pop("noise")
-        payload = json.dumps({"recipe": d, "extra": extra or {}}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _check_values(r: Recipe, errors: list[str]) -> None:

@@ -172,7 +172,18 @@ def sources_provenance(recipe: Recipe, plan: list[ShardSpec], markers: dict[int,
 
 
 def corpus_fingerprint(recipe: Recipe, sources: list[dict], tokenizer_sha: Optional[str]) -> str:
-    return recipe.corpus_fingerprint({"sources": sources, "tokenizer_sha256": tokenizer_sha})
+    d = _recorded_recipe(recipe)
+    d.pop("noise")
+    payload = json.dumps({"recipe": d, "sources": sources, "tokenizer_sha256": tokenizer_sha}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _recorded_recipe(recipe: Recipe) -> dict:
+    """The recipe as the manifest records it: without the chunk size, which changes speed and
+    memory but never a byte of output."""
+    d = recipe.to_dict()
+    d["sharding"].pop("chunk_docs")
+    return d
 
 
 def _combined(entries: list[dict], kind: str) -> str:
@@ -212,7 +223,7 @@ def label_and_manifest(recipe: Recipe, out: Path, plan: list[ShardSpec], markers
     manifest = {
         "format_version": FORMAT_VERSION,
         "corpus_fingerprint": corpus_fingerprint(recipe, sources, given),
-        "recipe": recipe.to_dict(),
+        "recipe": _recorded_recipe(recipe),
         "tokenizer": gm["tokenizer"],
         "token_dtype": gm["token_dtype"],
         "sources": sources,
