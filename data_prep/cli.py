@@ -15,6 +15,7 @@ Errors in the input print ``error: <message>`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -149,7 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     # Intermixed: recipe overrides may come before or after the flags.
     args = build_parser().parse_intermixed_args(argv)
     try:
-        return run(args)
+        try:
+            return run(args)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise
+            raise PrepError(f"{e.filename or args.out}: {e.strerror}; the output is incomplete "
+                            "(no manifest) and the same command continues it once there is space") from None
     except PrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

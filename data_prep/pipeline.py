@@ -100,9 +100,11 @@ def run_map(recipe: Recipe, out: Path, plan: list[ShardSpec], pending: list[Shar
                 done[marker["shard"]] = marker
                 bar.update(plan[marker["shard"]].size)
         finally:
-            pool.terminate()
+            pool.terminate()  # after an error: the other shards stop, unmarked
             pool.join()
             _pool_ctx.clear()
+            for s in pending:  # scratch of the workers just stopped
+                shards.clear_stale_staging(out, s.name)
     return done
 
 

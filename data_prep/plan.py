@@ -150,7 +150,8 @@ def input_stamps(plan: list[ShardSpec]) -> dict:
             try:
                 st = os.stat(s.path)
             except OSError as e:
-                raise PrepError(f"{s.path}: cannot read ({e.strerror})") from None
+                raise PrepError(f"{s.path}: cannot read ({e.strerror}); it is the input of "
+                                f"shard {s.index} of the plan") from None
             out[s.path] = [st.st_size, st.st_mtime_ns]
     return out
 

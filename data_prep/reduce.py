@@ -38,7 +38,16 @@ def read_marker(out: Path, spec: ShardSpec, recipe: Recipe) -> Optional[dict]:
 
 
 def check_marker(out: Path, spec: ShardSpec, recipe: Recipe, marker: dict, full: bool) -> None:
-    """The shard's files are the ones its marker describes: sizes always, sha256 if ``full``."""
+    """The shard's files are the ones its marker describes: sizes always, sha256 if ``full``.
+    On a mismatch the manifest is removed first: the directory must stop looking complete."""
+    try:
+        _check_files(out, spec, recipe, marker, full)
+    except PrepError:
+        shards.remove_manifest(out)
+        raise
+
+
+def _check_files(out: Path, spec: ShardSpec, recipe: Recipe, marker: dict, full: bool) -> None:
     for name, rec in marker["files"].items():
         p = Path(out) / name
         where = f"{spec.describe(recipe)}: {p}"

@@ -112,6 +112,8 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
                 names.append(shards.save_array(tmp, prefix, kind, arr.astype(dtypes[kind])))
             files = {n: shards.file_record(tmp, n) for n in names}
             shards.place(tmp, out, names)
+    except PrepError as e:
+        raise PrepError(f"{spec.describe(recipe)}: {e}") from None
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise PrepError(f"{spec.describe(recipe)}: cannot write its output under {out} "
