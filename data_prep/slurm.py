@@ -28,7 +28,9 @@ def array_commands(recipe_path: str, out: Path, overrides: list[str], n_shards: 
     common = [recipe_path, out, *overrides]
     array = ["sbatch", "--parsable", f"--array=0-{tasks - 1}", *extra, str(SBATCH), "map", *common,
              "--shards-per-task", str(shards_per_task)]
-    reduce = ["sbatch", "--parsable", "--dependency=afterok:{job}", *extra, str(SBATCH), "reduce", *common]
+    # A failed array task makes the dependency unsatisfiable: cancel the reduce then.
+    reduce = ["sbatch", "--parsable", "--dependency=afterok:{job}", "--kill-on-invalid-dep=yes", *extra,
+              str(SBATCH), "reduce", *common]
     return array, reduce
 
 
