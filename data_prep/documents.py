@@ -2,8 +2,8 @@
 
 Truth codes (also written as ``*_truth.npy``): 0 = retain, 1 = forget, 2 = adjacent.
 
-Paragraph granularity splits a document on blank lines (``\\n`` followed by optional
-whitespace and another ``\\n``); whitespace-only paragraphs are dropped. With a source's
+Paragraph granularity splits a document at every run of blank lines (lines holding only
+whitespace); whitespace-only paragraphs are dropped. With a source's
 ``paragraph_domains_field`` every paragraph carries its own truth (at either granularity),
 and the document's truth is then forget if any paragraph is forget, else adjacent if any is
 adjacent, else retain.
@@ -22,7 +22,7 @@ from data_prep.recipe import Recipe, SourceConfig
 
 RETAIN, FORGET, ADJACENT = 0, 1, 2
 DOMAIN_NAMES = ("retain", "forget", "adjacent")
-_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+_BLANK_LINE = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 
 
 @dataclass
