@@ -205,11 +205,28 @@ def _combined(entries: list[dict], kind: str) -> str:
 
 def label_and_manifest(recipe: Recipe, out: Path, plan: list[ShardSpec], markers: dict[int, dict],
                        log: Callable[[str], None]) -> dict:
-    """Noise policy over all shards, label files, manifest (written last)."""
+    """The prep reduce: shard entries from the markers, then :func:`label_shards`."""
     out = Path(out)
     gm = json.loads((out / shards.STATE / GLOBAL_MARKER).read_text(encoding="utf-8"))
-    listed = [s for s in plan if markers[s.index]["num_docs"] > 0]
-    prefixes = [markers[s.index]["prefix"] for s in listed]
+    entries = [{"prefix": markers[s.index]["prefix"], "num_docs": markers[s.index]["num_docs"],
+                "num_tokens": markers[s.index]["num_tokens"], "files": markers[s.index]["files"]}
+               for s in plan if markers[s.index]["num_docs"] > 0]
+    base = {"tokenizer": gm["tokenizer"], "token_dtype": gm["token_dtype"],
+            "sources": sources_provenance(recipe, plan, markers),
+            "corpus": {**{k: sum(markers[s.index]["counts"][k] for s in plan) for k in
+                          ("uncategorized_docs", "dropped_docs", "skipped_empty_docs")},
+                       "sample_docs": gm["sample_docs"]},
+            "test_splits": sorted(gm["test_splits"])}
+    return label_shards(recipe, out, entries, base, log)
+
+
+def label_shards(recipe: Recipe, out: Path, entries: list[dict], base: dict,
+                 log: Callable[[str], None]) -> dict:
+    """Noise policy over all shards, label files, manifest (written last). ``entries``: the
+    train shards (prefix, counts, files without labels); ``base``: tokenizer, token dtype,
+    source provenance, corpus counts and the names of the held-out splits."""
+    out = Path(out)
+    prefixes = [e["prefix"] for e in entries]
     if not prefixes:
         raise PrepError(f"{out}: every train document was held out or dropped; nothing to train on")
     paragraphs = recipe.classifier.granularity == "paragraph"
@@ -219,25 +236,22 @@ def label_and_manifest(recipe: Recipe, out: Path, plan: list[ShardSpec], markers
     metrics = classifiers.measure(u.scores, u.truth, thr, ~u.seed)
     shards.remove_manifest(out)
     label_shas = write_train_labels(out, prefixes, u, result.labels)
-    sources = sources_provenance(recipe, plan, markers)
-    given = (gm["tokenizer"]["sha256"] if recipe.tokenizer.model else None)
-    counts = {k: sum(markers[s.index]["counts"][k] for s in plan) for k in
-              ("uncategorized_docs", "dropped_docs", "skipped_empty_docs")}
+    sources = base["sources"]
+    given = (base["tokenizer"]["sha256"] if recipe.tokenizer.model else None)
     train = train_stats(u, result.labels, paragraphs)
     # Per shard: every file with its size and sha256 (the map's, verified above, and the labels').
-    train["shards"] = [{"prefix": p, "num_docs": markers[s.index]["num_docs"],
-                        "num_tokens": markers[s.index]["num_tokens"],
-                        "files": {**markers[s.index]["files"], **label_shas[p]}} for s, p in zip(listed, prefixes)]
+    train["shards"] = [{**e, "files": {**{k: v for k, v in e["files"].items() if "_labels." not in k},
+                                       **label_shas[e["prefix"]]}} for e in entries]
     unit = "paragraph spans" if paragraphs else "docs"
     manifest = {
         "format_version": FORMAT_VERSION,
         "corpus_fingerprint": corpus_fingerprint(recipe, sources, given),
         "recipe": _recorded_recipe(recipe),
-        "tokenizer": gm["tokenizer"],
-        "token_dtype": gm["token_dtype"],
+        "tokenizer": base["tokenizer"],
+        "token_dtype": base["token_dtype"],
         "sources": sources,
-        "corpus": {**counts, "uncategorized_policy": recipe.topics.uncategorized_policy,
-                   "sample_docs": gm["sample_docs"]},
+        "corpus": {**{k: v for k, v in base["corpus"].items() if k != "uncategorized_policy"},
+                   "uncategorized_policy": recipe.topics.uncategorized_policy},
         "granularity": recipe.classifier.granularity,
         "noise_policy": {**dataclasses.asdict(recipe.noise), "threshold": thr},
         "realised": result.report,
@@ -251,11 +265,12 @@ def label_and_manifest(recipe: Recipe, out: Path, plan: list[ShardSpec], markers
     }
     if paragraphs:
         manifest["classifier"]["by_granularity"] = granularity_metrics(u, thr)
-    for name, st in gm["test_splits"].items():
+    for name in base["test_splits"]:
         truth = shards.load_array(out, name, "truth")
         lengths = shards.doc_lengths(out, name)
+        st = {"num_docs": int(len(lengths)), "num_tokens": int(lengths.sum())}
         manifest["splits"][name] = {
-            "num_docs": st["num_docs"], "num_tokens": st["num_tokens"],
+            **st,
             "docs_per_true_domain": {n: int((truth == i).sum()) for i, n in enumerate(DOMAIN_NAMES)},
             "tokens_per_true_domain": {n: int(lengths[truth == i].sum()) for i, n in enumerate(DOMAIN_NAMES)},
             "tokens_per_applied_label": {n: (st["num_tokens"] if i == 0 else 0) for i, n in enumerate(LABEL_NAMES)}}

@@ -13,10 +13,8 @@ from typing import Optional
 
 from data_prep.errors import PrepError
 from data_prep.manifest import load_manifest
-from data_prep.plan import ShardSpec
 from data_prep.recipe import recipe_from_dict
-from data_prep.reduce import check_marker, label_and_manifest, read_marker
-from data_prep.shards import STATE
+from data_prep.reduce import label_shards
 
 
 def relabel(directory: str | Path, undiscovered_rate: Optional[float] = None,
@@ -36,16 +34,12 @@ def relabel(directory: str | Path, undiscovered_rate: Optional[float] = None,
     if threshold is not None:
         recipe_dict["classifier"]["threshold"] = threshold
     recipe = recipe_from_dict(recipe_dict)  # validates the new rates with the usual messages
-    try:
-        plan_doc = json.loads((d / STATE / "plan.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PrepError(f"relabel {d}: its shard plan {STATE}/plan.json is unreadable ({e})") from None
-    plan = [ShardSpec(**s) for s in plan_doc["shards"]]
-    markers = {}
-    for s in plan:
-        m = read_marker(d, s, recipe)
-        if m is None:
-            raise PrepError(f"relabel {d}: {s.describe(recipe)} has no completion marker")
-        check_marker(d, s, recipe, m, full=False)
-        markers[s.index] = m
-    return label_and_manifest(recipe, d, plan, markers, log=lambda msg: None)
+    entries = manifest["splits"]["train"]["shards"]
+    for e in entries:  # sizes of every file the manifest lists (full checksums: the reduce's job)
+        for name, rec in e["files"].items():
+            p = d / name
+            if not p.is_file() or p.stat().st_size != rec["bytes"]:
+                raise PrepError(f"relabel {d}: {p} is missing or not the size the manifest records")
+    base = {k: manifest[k] for k in ("tokenizer", "token_dtype", "sources", "corpus")}
+    base["test_splits"] = sorted(k for k in manifest["splits"] if k != "train")
+    return label_shards(recipe, d, entries, base, log=lambda msg: None)
