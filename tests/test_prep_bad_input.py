@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import PrepError, pipeline
+from data_prep import PrepError
 from data_prep.cli import main
 from data_prep.plan import make_plan
 from data_prep.recipe import load_recipe
 from data_prep.sample import load_global
 from data_prep.task import run_shard
 from megatron_sgtm.data import DataError, open_split
-from prep_corpus import RECIPE_OVERRIDES, wiki_leads, write_corpus, write_jsonl
+from prep_corpus import RECIPE_OVERRIDES, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
