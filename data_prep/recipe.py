@@ -123,7 +123,7 @@ class ShardingConfig:
     # many bytes of text, taken from the start of every shard in proportion to its size.
     sample_bytes: int = 64_000_000
     # Documents per classify/tokenize/write step inside a shard.
-    chunk_docs: int = 256
+    chunk_docs: int = 1024
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import resource
 import time
 from pathlib import Path
 from typing import Iterator
@@ -126,5 +127,7 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
         shards.write_json_atomic(shards.marker_path(out, spec.index), marker)
     except OSError as e:
         raise PrepError(f"{spec.describe(recipe)}: cannot write its completion marker ({e.strerror})") from None
-    marker["seconds"] = time.perf_counter() - t0  # returned only: markers stay deterministic
+    # Returned only, never written: markers stay deterministic.
+    marker["seconds"] = time.perf_counter() - t0
+    marker["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return marker
