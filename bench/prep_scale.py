@@ -131,6 +131,8 @@ def main() -> int:
     ap.add_argument("--shard-mb", type=float, default=64.0, help="sharding.target_bytes in MB")
     ap.add_argument("--workdir", help="where corpora and outputs go (default: a temp dir, removed)")
     ap.add_argument("--json", help="write the results here (default: $OUT/prep_scale.json if $OUT is set)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a small BPE tokenizer on part of the corpus (for a quick check that it runs)")
     ap.add_argument("--child", nargs=3, metavar=("RECIPE_JSON", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -149,7 +151,8 @@ def main() -> int:
 
         tok_dir = work / "tokenizer"
         if not (tok_dir / "manifest.json").exists():
-            prepare(load_recipe(ROOT / "configs/data/bilingual.yaml", ["split.max_test_docs=200"]),
+            small = ["max_docs=600", "tokenizer.kind=bpe", "tokenizer.vocab_size=800"] if a.smoke else []
+            prepare(load_recipe(ROOT / "configs/data/bilingual.yaml", ["split.max_test_docs=200", *small]),
                     tok_dir, force=True, workers=max(workers), progress=False, log=lambda m: None)
         tokenizer = str(tok_dir / "tokenizer.model")
         rows = []
