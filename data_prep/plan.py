@@ -277,10 +277,16 @@ def _hf_shard(spec: ShardSpec, src: SourceConfig) -> Iterator[tuple[object, dict
             ds = datasets.load_dataset(name, name=src.config_name, data_files=src.data_files,
                                        split=src.split, revision=src.revision,
                                        streaming=src.streaming)
-        if src.num_shards > 1:
-            ds = ds.shard(num_shards=src.num_shards, index=spec.start)
     except Exception as e:  # datasets wraps hub, file and schema errors in many types
         raise PrepError(f"source {src.name}: cannot load dataset {name!r} ({e})") from None
+    if src.num_shards > 1:
+        # A streaming dataset shards by its data files; a map-style one by contiguous rows.
+        have = getattr(ds, "num_shards", None) if isinstance(ds, datasets.IterableDataset) else None
+        if have is not None and src.num_shards > have:
+            raise PrepError(f"source {src.name}: num_shards {src.num_shards}, but the streaming dataset "
+                            f"{name!r} has only {have} data files to shard by (lower num_shards, or "
+                            "streaming: false)")
+        ds = ds.shard(num_shards=src.num_shards, index=spec.start)
     for i, rec in enumerate(ds):
         yield f"{name} shard {spec.start} row {i}", rec
 

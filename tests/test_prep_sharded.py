@@ -131,3 +131,32 @@ def test_changed_recipe_or_input_refused_without_force(corpus, one_worker, tmp_p
     assert abs(m["realised"]["undiscovered_rate"] - 0.5) < 0.02
     changed = sorted(k for k, v in tree(out).items() if before.get(k) != v)
     assert changed and all(k == "manifest.json" or k.endswith("_labels.bin") for k in changed)
+
+
+@pytest.mark.parametrize("kind", ["parquet", "hf_map", "hf_stream"])
+def test_row_group_and_hf_shards_read_every_document_once(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep import PrepError
+    from data_prep.corpus import load_corpus
+    from data_prep.plan import make_plan
+    from data_prep.recipe import recipe_from_dict
+    from prep_corpus import wiki_leads, write_jsonl
+
+    docs = wiki_leads("en", 120)
+    pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet", row_group_size=20)
+    files = [str(write_jsonl(tmp_path / f"p{i}.jsonl", docs[i * 40:(i + 1) * 40])) for i in range(3)]
+    src = {"parquet": {"kind": "parquet", "path": str(tmp_path / "a.parquet")},
+           "hf_map": {"kind": "hf", "dataset": "json", "data_files": files, "streaming": False, "num_shards": 4},
+           "hf_stream": {"kind": "hf", "dataset": "json", "data_files": files, "streaming": True,
+                         "num_shards": 3}}[kind]
+    recipe = recipe_from_dict({"name": "x", "sources": [{"name": "s", "domain": "retain", **src}],
+                               "sharding": {"target_bytes": 4000}})
+    assert len(make_plan(recipe)) >= 3
+    assert load_corpus(recipe).texts == docs
+    if kind == "hf_stream":
+        too_many = recipe_from_dict({"name": "x", "sources": [{"name": "s", "domain": "retain", **src,
+                                                               "num_shards": 4}]})
+        with pytest.raises(PrepError, match="has only 3 data files to shard by"):
+            load_corpus(too_many)

@@ -6,8 +6,8 @@ real shard directories for tests.
 """
 from .batches import METHODS, EvalBatches, MethodSpec, TrainBatches, method_spec
 from .packing import PackedIndex, build_packing, cached_packing
-from .shards import DataError, ShardSplit, has_split, open_split, read_manifest
+from .shards import DataError, ShardSplit, open_split, read_manifest
 
 __all__ = ["DataError", "EvalBatches", "METHODS", "MethodSpec", "PackedIndex", "ShardSplit",
-           "TrainBatches", "build_packing", "cached_packing", "has_split", "method_spec", "open_split",
+           "TrainBatches", "build_packing", "cached_packing", "method_spec", "open_split",
            "read_manifest"]

@@ -266,18 +266,6 @@ def split_prefixes(manifest: dict, split: str) -> list[tuple[str, Optional[dict]
     return [(e["prefix"], e) for e in entries]
 
 
-def has_split(directory, split: str) -> bool:
-    """Whether ``split`` exists in the shard directory (bare prefix or listed shards)."""
-    directory = Path(directory)
-    if (directory / f"{split}_tokens.idx").exists():
-        return True
-    try:
-        manifest = read_manifest(directory)
-    except DataError:
-        return False
-    return bool(((manifest.get("splits") or {}).get(split) or {}).get("shards"))
-
-
 def open_split(directory, split: str) -> ShardSplit:
     """Open and validate ``split`` of the shard directory ``directory`` (all of its shards)."""
     directory = Path(directory)
