@@ -6,7 +6,8 @@ replicated with a seeded shuffle of documents per copy until the size is reached
 jsonl files of ``--file-mb`` (so each file is several byte-range shards). The tokenizer is
 trained once beforehand on the embedded corpus and given to every run (its training is a
 one-off on a bounded sample, not per-byte work). Each configuration runs in a fresh child
-process, so its peak RSS is its own.
+process, so its peak RSS is its own. Each run also prints MB per CPU-second and the share of
+its cores it actually got, which tell a busy machine from a slow pipeline.
 
     python bench/prep_scale.py [--sizes 0.25,1] [--workers 1,2] [--workdir DIR] [--json PATH]
 
@@ -19,7 +20,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -30,19 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from prep_speed import machine  # noqa: E402  (bench/ is on the path when run as a script)
+
 WIKI = {"en": "summaries_en-us.json", "es": "summaries_es-es.json"}
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def _leads(lang: str) -> list[str]:
@@ -181,10 +171,13 @@ def main() -> int:
                 r["mb_s_per_core"] = r["mb_s"] / min(w, os.cpu_count() or 1)
                 r["mb_per_cpu_s"] = r["text_mb"] / r["cpu_s"]
                 r["map_mb_s"] = r["map_text_bytes"] / 1e6 / r["map_s"]
+                # Share of the cores this run had that it actually got: low means other load.
+                r["cpu_busy"] = r["cpu_s"] / (r["total_s"] * min(w, os.cpu_count() or 1))
                 rows.append(r)
                 print(f"  workers {w}: {r['total_s']:.1f} s end to end (global {r['global_s']:.1f}, map "
                       f"{r['map_s']:.1f}, reduce {r['reduce_s']:.1f}) = {r['mb_s']:.2f} MB/s, "
-                      f"{r['mb_s_per_core']:.2f} MB/s per core, {r['mb_per_cpu_s']:.2f} MB per CPU-second; "
+                      f"{r['mb_s_per_core']:.2f} MB/s per core, {r['mb_per_cpu_s']:.2f} MB per CPU-second "
+                      f"(it had {100 * r['cpu_busy']:.0f}% of its {min(w, os.cpu_count() or 1)} core(s)); "
                       f"peak RSS per worker {r['peak_rss_per_worker'] / 2**20:.0f} MiB "
                       f"(main process {r['main_peak_rss'] / 2**20:.0f} MiB); {r['shards']} shards", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
