@@ -76,6 +76,7 @@ def test_shard_size_changes_only_the_cut(corpus, one_worker, tmp_path):
         assert (one_worker / name).read_bytes() == (out / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_shard_then_rerun_redoes_only_unfinished(corpus, one_worker, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "data_prep", "--recipe", str(corpus), "--out", str(out),
