@@ -1,7 +1,11 @@
 """SGTM-on vs masking-off training-step time for the same model, measured in one run.
 
 Usage: python bench/sgtm_overhead.py [--layers 4 --hidden 256 --seq 128 --batch 8 --steps 20]
+                                     [--repeat N] [--profile] [--labels 2,2,1,1,0,0,0,0]
 Prints the machine, both median step times and their ratio (target <= 1.05 on CPU).
+``--repeat N`` runs N trials (each interleaving on/off steps) and prints the ratio's min,
+median and max, so one run states its own noise. ``--profile`` prints a torch.profiler
+breakdown of one SGTM-on and one masking-off step by op category and the top ops by self time.
 """
 from __future__ import annotations
 
@@ -11,9 +15,30 @@ import platform
 import statistics
 import time
 
+# Profiler op name -> category, first match wins (matched as substrings of the aten name).
+CATEGORIES = (
+    ("GEMM", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
+    ("token gather/scatter", ("index_select", "index_add", "index_fill", "aten::gather",
+                              "aten::scatter", "aten::index", "aten::narrow_copy")),
+    ("mask build", ("nonzero", "aten::eq", "aten::ne", "bitwise", "aten::__and__",
+                    "aten::logical", "aten::zeros", "aten::ones", "aten::where")),
+    ("masking elementwise", ("masked_fill",)),
+    ("norms", ("layer_norm", "rms_norm")),
+    ("attention", ("scaled_dot_product", "attention")),
+    ("copies", ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat")),
+)
+
+
+def category(name: str) -> str:
+    for label, needles in CATEGORIES:
+        if any(n in name for n in needles):
+            return label
+    return "other"
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
@@ -22,6 +47,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="trials; prints min/median/max")
+    parser.add_argument("--labels", default="",
+                        help="comma-separated label per sequence (default: a quarter forget, "
+                             "a quarter retain-path, the rest unlabeled)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time (less distorted on a shared machine)")
+    parser.add_argument("--profile", action="store_true", help="print a per-op breakdown")
+    parser.add_argument("--top", type=int, default=15, help="ops listed by --profile")
     args = parser.parse_args()
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -49,34 +82,85 @@ def main() -> None:
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     pos = torch.arange(args.seq).unsqueeze(0).expand_as(inputs)
-    # A realistic mix per micro-batch: a quarter forget, a quarter retain-path, the rest plain.
-    per_seq = [2, 1] + [0] * (args.batch - 2) if args.batch < 4 else (
-        [2] * (args.batch // 4) + [1] * (args.batch // 4) + [0] * (args.batch - args.batch // 2))
+    if args.labels:
+        per_seq = [int(v) for v in args.labels.split(",")]
+        if len(per_seq) != args.batch:
+            parser.error(f"--labels has {len(per_seq)} entries for --batch {args.batch}")
+    else:
+        # A realistic mix per micro-batch: a quarter forget, a quarter retain-path, the rest plain.
+        per_seq = [2, 1] + [0] * (args.batch - 2) if args.batch < 4 else (
+            [2] * (args.batch // 4) + [1] * (args.batch // 4) + [0] * (args.batch - args.batch // 2))
     labels = torch.tensor(per_seq).unsqueeze(1).expand(args.batch, args.seq)
 
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+
     def step(model):
-        start = time.perf_counter()
+        start = clock()
         with route(labels):
             loss = model(inputs, pos, None, labels=targets).mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return clock() - start
 
-    times = {name: [] for name in models}
-    for i in range(args.steps + 3):
-        for name, model in models.items():  # interleaved, so drift hits both equally
-            t = step(model)
-            if i >= 3:
-                times[name].append(t)
-    off = statistics.median(times["masking off"])
-    on = statistics.median(times["SGTM on"])
+    def trial() -> tuple[float, float]:
+        times = {name: [] for name in models}
+        for i in range(args.steps + 3):
+            for name, model in models.items():  # interleaved, so drift hits both equally
+                t = step(model)
+                if i >= 3:
+                    times[name].append(t)
+        return statistics.median(times["masking off"]), statistics.median(times["SGTM on"])
+
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {args.threads} threads")
+          f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"model: {args.layers} layers, d {args.hidden}, seq {args.seq}, batch {args.batch}; "
           f"labels per sequence {per_seq}")
-    print(f"masking off: {off * 1e3:.1f} ms/step   SGTM on: {on * 1e3:.1f} ms/step")
-    print(f"SGTM on / masking off step-time ratio: {on / off:.3f}")
+    ratios = []
+    for _ in range(args.repeat):
+        off, on = trial()
+        ratios.append(on / off)
+        print(f"masking off: {off * 1e3:.1f} ms/step   SGTM on: {on * 1e3:.1f} ms/step   "
+              f"ratio {on / off:.3f}", flush=True)
+    if args.repeat > 1:
+        print(f"SGTM on / masking off over {args.repeat} trials: min {min(ratios):.3f}  "
+              f"median {statistics.median(ratios):.3f}  max {max(ratios):.3f}")
+    print(f"SGTM on / masking off step-time ratio: {statistics.median(ratios):.3f}")
+    if args.profile:
+        profile(models, step, args.top)
     destroy_parallel()
+
+
+def profile(models, step, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    tables = {}
+    for name, model in models.items():
+        for _ in range(2):
+            step(model)  # warm caches outside the profile
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step(model)
+        tables[name] = [(e.key, e.self_cpu_time_total / 3, e.count // 3)
+                        for e in prof.key_averages()]
+    print("\nper-step self CPU time by category (ms), from 3 profiled steps:")
+    cats = [label for label, _ in CATEGORIES] + ["other"]
+    per = {name: {c: 0.0 for c in cats} for name in tables}
+    for name, rows in tables.items():
+        for key, us, _ in rows:
+            per[name][category(key)] += us / 1e3
+    print(f"  {'category':<22}" + "".join(f"{n:>14}" for n in tables))
+    for c in cats:
+        print(f"  {c:<22}" + "".join(f"{per[n][c]:>14.2f}" for n in tables))
+    print(f"  {'total':<22}" + "".join(f"{sum(per[n].values()):>14.2f}" for n in tables))
+    rows = sorted(tables["SGTM on"], key=lambda r: -r[1])[:top]
+    off = {key: (us, calls) for key, us, calls in tables["masking off"]}
+    print(f"\ntop {top} ops of the SGTM-on step by self CPU time (ms per step, calls per step):")
+    print(f"  {'op':<38}{'category':<22}{'SGTM on':>9}{'calls':>7}{'off':>9}{'calls':>7}")
+    for key, us, calls in rows:
+        o_us, o_calls = off.get(key, (0.0, 0))
+        print(f"  {key[:37]:<38}{category(key):<22}{us / 1e3:>9.2f}{calls:>7}"
+              f"{o_us / 1e3:>9.2f}{o_calls:>7}")
 
 
 if __name__ == "__main__":

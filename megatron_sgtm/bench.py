@@ -17,6 +17,8 @@ BENCHES = {
     "tp": ("train_throughput.py", "tokens/s at TP=2 vs TP=1 (tiny config)", ("ratio", "tok")),
     "prep": ("prep_speed.py", "data prep MB/s end to end (classify + tokenize + write)",
              ("MB/s", "machine")),
+    "integrity": ("checkpoint_integrity.py", "checkpoint sha256 + pickle checks vs save/load",
+                  ("ratio",)),
 }
 
 

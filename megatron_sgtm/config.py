@@ -40,9 +40,11 @@ class ModelConfig:
     # recent GPUs in bf16). "te": Transformer Engine's DotProductAttention (needs TE; opt-in,
     # as it is not exercised by the CPU test suite).
     attention_backend: Literal["sdpa", "te"] = "sdpa"
-    # "selective" recomputes core attention only. "full" is refused: it would re-run block
-    # forwards in backward, after the per-micro-batch routing context has moved on.
-    activation_recompute: Literal["none", "selective"] = "none"
+    # "selective" recomputes core attention only; "full" keeps only each block's input and
+    # re-runs the block forward in backward (under the micro-batch's own routing, captured
+    # when the forward ran), ``recompute_num_layers`` blocks per checkpoint.
+    activation_recompute: Literal["none", "selective", "full"] = "none"
+    recompute_num_layers: int = 1
 
     @property
     def query_groups(self) -> int:
@@ -79,6 +81,8 @@ class ModelConfig:
             out.append(f"dropout: must be in [0, 1), got {self.dropout}")
         if self.position_embedding == "rope" and self.num_attention_heads > 0 and self.head_dim % 2:
             out.append("position_embedding rope needs an even head dimension")
+        if self.recompute_num_layers <= 0:
+            out.append(f"recompute_num_layers: must be positive, got {self.recompute_num_layers}")
         return out
 
 
@@ -133,12 +137,58 @@ class RoutingConfig:
 
 @dataclass
 class CoreConfig:
-    """Model + partition + routing, the part every command shares."""
+    """Model + partition + routing + the model-parallel layout, the part every command shares.
+
+    Post-training commands read a checkpoint's model, partition and routing and load it at
+    their own layout (any TP, no pipeline, no sequence parallelism)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     tensor_parallel: int = 1
+    # Shard norms, dropout and the residual stream along the sequence over the TP group.
+    sequence_parallel: bool = False
+    # Pipeline stages, and model chunks per stage for megatron's interleaved schedule.
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: Optional[int] = None
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
+
+    @property
+    def layers_per_chunk(self) -> int:
+        return self.model.num_layers // (self.pipeline_parallel * (self.virtual_pipeline_parallel or 1))
+
+    def layout_problems(self) -> list[str]:
+        out = []
+        tp, pp, vp = self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline_parallel
+        if pp <= 0:
+            out.append(f"pipeline_parallel: must be positive, got {pp}")
+            return out
+        if self.sequence_parallel and tp == 1:
+            out.append("sequence_parallel needs tensor_parallel > 1 (it shards the sequence "
+                       "over the tensor-parallel group)")
+        if self.sequence_parallel and self.model.seq_length % tp:
+            out.append(f"sequence_parallel: model.seq_length {self.model.seq_length} is not "
+                       f"divisible by tensor_parallel {tp}")
+        if vp is not None and (vp < 2 or pp < 2):
+            out.append(f"virtual_pipeline_parallel {vp}: needs at least 2 chunks per stage and "
+                       "pipeline_parallel >= 2 (leave it unset otherwise)")
+            return out
+        chunks = pp * (vp or 1)
+        if pp > self.model.num_layers:
+            out.append(f"pipeline_parallel {pp} exceeds model.num_layers "
+                       f"{self.model.num_layers} (every stage needs a layer)")
+        elif self.model.num_layers % chunks:
+            what = f"pipeline_parallel {pp}" + (f" x virtual_pipeline_parallel {vp}" if vp else "")
+            out.append(f"model.num_layers {self.model.num_layers} is not divisible by {what} "
+                       f"= {chunks} model chunks")
+        elif self.model.activation_recompute == "full" and \
+                self.layers_per_chunk % self.model.recompute_num_layers:
+            out.append(f"model.recompute_num_layers {self.model.recompute_num_layers} does not "
+                       f"divide the {self.layers_per_chunk} layers of each model chunk")
+        return out
 
     def problems(self) -> list[str]:
         from .partition import PartitionError, build_partition
@@ -147,6 +197,7 @@ class CoreConfig:
         if self.tensor_parallel <= 0:
             out.append(f"tensor_parallel: must be positive, got {self.tensor_parallel}")
             return out
+        out += self.layout_problems()
         try:
             build_partition(self.model, self.partition, self.routing).check_tp(self.tensor_parallel)
         except PartitionError as exc:

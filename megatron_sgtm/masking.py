@@ -59,43 +59,84 @@ def _masked_bias_grad(go: torch.Tensor, kept: torch.Tensor, dropped: torch.Tenso
     return grad
 
 
+def gather_sequence(x: torch.Tensor, group, async_op: bool = False):
+    """All-gather ``[s/tp, b, h]`` sequence shards into ``[s, b, h]`` (sequence parallelism)."""
+    out = x.new_empty((x.shape[0] * dist.get_world_size(group),) + tuple(x.shape[1:]))
+    handle = dist.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=async_op)
+    return out, handle
+
+
+def column_input(x: torch.Tensor, sequence_parallel: bool, group) -> torch.Tensor:
+    """The input a column layer's GEMM sees: the whole sequence under sequence parallelism."""
+    return gather_sequence(x, group)[0] if sequence_parallel else x
+
+
+def column_backward(x, weight, grad_out, sequence_parallel: bool, allreduce_dgrad: bool,
+                    group, weight_grads):
+    """A column layer's backward with megatron's communication, call for call
+    (``LinearWithGradAccumulationAndAsyncCommunication``): under sequence parallelism re-gather
+    the saved input shard while the input gradient is computed, then reduce-scatter that
+    gradient while ``weight_grads(total_input)`` runs; otherwise all-reduce the input gradient
+    (when megatron would) while the weight gradients run. Returns (grad_in, *weight_grads)."""
+    gathering = None
+    total = x
+    if sequence_parallel:
+        total, gathering = gather_sequence(x, group, async_op=True)
+    grad_in = grad_out.matmul(weight)
+    if gathering is not None:
+        gathering.wait()
+    handle = None
+    if sequence_parallel:
+        full = grad_in.contiguous()
+        grad_in = full.new_empty(x.shape)
+        handle = dist.reduce_scatter_tensor(grad_in, full, group=group, async_op=True)
+    elif allreduce_dgrad:
+        handle = dist.all_reduce(grad_in, group=group, async_op=True)
+    grads = weight_grads(total)
+    if handle is not None:
+        handle.wait()
+    return (grad_in,) + tuple(grads)
+
+
 class MaskedWgradLinear(torch.autograd.Function):
     """``y = x W^T + b`` whose W/b gradients ignore ``dropped`` tokens outside ``units``.
 
     ``on_rows``: units index output features (column-parallel layers) or input features
-    (row-parallel layers). The TP all-reduce of the input gradient mirrors megatron's
-    ``LinearWithGradAccumulationAndAsyncCommunication`` so no collective is added or removed.
+    (row-parallel layers). Communication (the input gradient's TP all-reduce, or the
+    sequence-parallel gather and reduce-scatter) is megatron's, so no collective is added or
+    removed. Token indices refer to the whole sequence the GEMM sees.
     """
 
     @staticmethod
     @_custom_fwd
     def forward(ctx, x, weight, bias, kept, dropped, units, runs, on_rows, mask_bias,
-                allreduce_dgrad, tp_group):
+                allreduce_dgrad, tp_group, sequence_parallel=False):
         ctx.save_for_backward(x, weight, kept, dropped, units)
         ctx.runs = runs
         ctx.on_rows, ctx.mask_bias, ctx.has_bias = on_rows, mask_bias, bias is not None
         ctx.allreduce_dgrad, ctx.tp_group = allreduce_dgrad, tp_group
-        out = torch.matmul(x, weight.t())
+        ctx.sequence_parallel = sequence_parallel
+        out = torch.matmul(column_input(x, sequence_parallel, tp_group), weight.t())
         return out + bias if bias is not None else out
 
     @staticmethod
     @_custom_bwd
     def backward(ctx, grad_out):
         x, weight, kept, dropped, units = ctx.saved_tensors
-        grad_in = grad_out.matmul(weight)
-        handle = None
-        if ctx.allreduce_dgrad:
-            handle = dist.all_reduce(grad_in, group=ctx.tp_group, async_op=True)
         go = grad_out.reshape(-1, grad_out.shape[-1])
-        flat_x = x.reshape(-1, x.shape[-1])
-        grad_w = _masked_weight_grad(go, flat_x, kept, dropped, units, ctx.runs, ctx.on_rows)
-        grad_b = None
-        if ctx.has_bias:
-            grad_b = (_masked_bias_grad(go, kept, dropped, units) if ctx.mask_bias
-                      else go.sum(0))
-        if handle is not None:
-            handle.wait()
-        return (grad_in, grad_w.to(weight.dtype), grad_b) + (None,) * 9
+
+        def weight_grads(total):
+            flat_x = total.reshape(-1, total.shape[-1])
+            grad_w = _masked_weight_grad(go, flat_x, kept, dropped, units, ctx.runs, ctx.on_rows)
+            grad_b = None
+            if ctx.has_bias:
+                grad_b = (_masked_bias_grad(go, kept, dropped, units) if ctx.mask_bias
+                          else go.sum(0))
+            return grad_w.to(weight.dtype), grad_b
+
+        grads = column_backward(x, weight, grad_out, ctx.sequence_parallel, ctx.allreduce_dgrad,
+                                ctx.tp_group, weight_grads)
+        return grads + (None,) * 10
 
 
 class MaskedBiasBroadcast(torch.autograd.Function):

@@ -20,7 +20,10 @@ from megatron.core.transformer.module import MegatronModule
 from . import routing as routing_mod
 from .masking import DropTokenGrads, MaskedAffine, MaskedBiasBroadcast, MaskedWgradLinear, gate_row_input
 from .partition import to_runs
-from .routing import LinearRule
+from .routing import FORGET, LinearRule
+from .seq_masking import (RowPlan, SeqDropGrads, SeqMaskedAffine, SeqMaskedBiasBroadcast,
+                          SeqMaskedColumnLinear, SeqRoutedRowLinear, Units, kept_spans,
+                          sequence_spans_active, whole_batch)
 
 
 class _RoutedLinearMixin:
@@ -39,6 +42,9 @@ class _RoutedLinearMixin:
         self._sgtm_rule = rule
         self._sgtm_units = tuple(units)
         self._sgtm_runs = to_runs(self._sgtm_units)
+        width = (self.output_size_per_partition if isinstance(self, ColumnParallelLinear)
+                 else self.input_size_per_partition)
+        self._sgtm_unit_set = Units(self._sgtm_runs, width)
         self._sgtm_mask_bias = mask_bias
         self._sgtm_unit_cache: dict = {}
 
@@ -75,29 +81,42 @@ class _RoutedLinearMixin:
         self._check_supported(kwargs)
         return self._masked_forward(routing, input, weight, kwargs.get("bias"),
                                     kwargs.get("allreduce_dgrad", False), kwargs.get("tp_group"),
-                                    on_rows)
+                                    bool(kwargs.get("sequence_parallel")), on_rows)
 
-    def _masked_forward(self, routing, input, weight, bias, allreduce_dgrad, tp_group, on_rows):
+    def _masked_forward(self, routing, input, weight, bias, allreduce_dgrad, tp_group,
+                        sequence_parallel, on_rows):
+        """Under sequence parallelism a column layer's input is this rank's sequence slice;
+        the GEMM (and so the masks) covers the gathered whole sequence."""
         device = input.device
+        if on_rows and sequence_spans_active(routing, input):
+            return SeqMaskedColumnLinear.apply(
+                input, weight, bias, kept_spans(routing), self._sgtm_unit_set,
+                self._sgtm_mask_bias, allreduce_dgrad, tp_group, sequence_parallel)
         return MaskedWgradLinear.apply(
             input, weight, bias, routing.kept_index(device), routing.forget_index(device),
             self._units_on(device), self._sgtm_runs, on_rows, self._sgtm_mask_bias,
-            allreduce_dgrad, tp_group)
+            allreduce_dgrad, tp_group, sequence_parallel)
 
     def _wrap_bias(self, output, bias):
         routing = self._masks_wgrad_now()
         if bias is None or routing is None or not self._sgtm_mask_bias:
             return bias
         device = output.device
+        is_column = isinstance(self, ColumnParallelLinear)
+        routing = routing.for_length(output.shape[0])  # a row layer's output may be a slice
+        if sequence_spans_active(routing, output):
+            # Column biases: every sequence updates the forget-unit entries; row (output)
+            # biases are retain parameters, updated by all but forget-labelled sequences.
+            return SeqMaskedBiasBroadcast.apply(
+                bias, tuple(output.shape), kept_spans(routing), whole_batch(routing),
+                self._sgtm_unit_set if is_column else Units((), output.shape[-1]))
         return MaskedBiasBroadcast.apply(
             bias, tuple(output.shape), routing.kept_index(device), routing.forget_index(device),
-            self._units_on(device) if isinstance(self, ColumnParallelLinear)
+            self._units_on(device) if is_column
             else torch.empty(0, dtype=torch.long, device=device))
 
     @staticmethod
     def _check_supported(kwargs):
-        if kwargs.get("sequence_parallel"):
-            raise NotImplementedError("SGTM routing does not support sequence parallelism yet")
         if kwargs.get("gradient_accumulation_fusion"):
             raise NotImplementedError(
                 "SGTM routing needs gradient_accumulation_fusion off (it masks the wgrad GEMM)")
@@ -121,6 +140,16 @@ class SGTMRowParallelLinear(_RoutedLinearMixin, RowParallelLinear):
     def _forward_impl(self, input, weight, *args, **kwargs):
         rule = self._sgtm_rule
         routing = routing_mod.current()
+        if sequence_spans_active(routing, input):
+            masked_wgrad = self._masks_wgrad_now() is not None and weight.requires_grad
+            gated = (rule.retain_path_zeroing and routing.has_retain) or (
+                rule.forget_token_gate is not None and routing.has_forget)
+            if gated or masked_wgrad:
+                self._check_supported(kwargs)
+                return SeqRoutedRowLinear.apply(input, weight,
+                                                RowPlan.of(routing, rule, masked_wgrad),
+                                                self._sgtm_unit_set)
+            return super()._forward_impl(input, weight, *args, **kwargs)
         if routing is not None and (rule.retain_path_zeroing or rule.forget_token_gate):
             input = gate_row_input(input, routing, self._sgtm_units,
                                    rule.retain_path_zeroing, rule.forget_token_gate)
@@ -157,17 +186,25 @@ class RoutedNorm(torch.nn.Module):
 
     def forward(self, x):
         routing = routing_mod.current()
+        if routing is not None:
+            routing = routing.for_length(x.shape[0])  # a sequence-parallel slice
         if not self.masked or routing is None or not routing.has_forget:
             return self._normalise(x, self.weight, self.bias)
         x_hat = self._normalise(x, None, None)
+        if sequence_spans_active(routing, x):
+            return SeqMaskedAffine.apply(x_hat, self.weight, self.bias, kept_spans(routing))
         return MaskedAffine.apply(x_hat, self.weight, self.bias, routing.kept_index(x.device))
 
 
 def drop_forget_grads_hook(_module, _inputs, output):
     """Forward hook for the embedding: forget tokens give the embedding tables no gradient."""
     routing = routing_mod.current()
+    if routing is not None:
+        routing = routing.for_length(output.shape[0])  # scattered under sequence parallelism
     if routing is None or not routing.has_forget or not torch.is_grad_enabled():
         return output
+    if sequence_spans_active(routing, output):
+        return SeqDropGrads.apply(output, routing.spans[FORGET])
     return DropTokenGrads.apply(output, routing.forget_index(output.device))
 
 

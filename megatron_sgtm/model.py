@@ -18,6 +18,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (TransformerBlock,
+                                                        TransformerBlockSubmodules,
+                                                        get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
@@ -37,7 +40,8 @@ _LINEAR_PATH = re.compile(r"decoder\.layers\.(\d+)\.(self_attention\.linear_(qkv
 _NORM_PATH = re.compile(r"decoder\.layers\.(\d+)\.(input_layernorm|pre_mlp_layernorm)$")
 
 
-def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool) -> TransformerConfig:
+def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool,
+                       sequence_parallel: bool = False) -> TransformerConfig:
     swiglu = model.activation == "swiglu"
     bf16 = model.dtype_on(use_gpu) == "bf16"
     return TransformerConfig(
@@ -61,7 +65,7 @@ def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool) -> Transfo
         perform_initialization=True,
         # The SGTM wgrad mask replaces megatron's GEMM; the fused accumulation would skip it.
         gradient_accumulation_fusion=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
         bias_activation_fusion=use_gpu and model.add_bias_linear,
         bias_dropout_fusion=use_gpu,
         masked_softmax_fusion=False,
@@ -105,6 +109,17 @@ def layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def block_spec(config: TransformerConfig, attention_backend: str = "sdpa",
+               vp_stage: int | None = None) -> ModuleSpec:
+    """The decoder block: this pipeline chunk's layers, and a ``RoutedNorm`` as the final norm
+    (never masked: it is joint), which unlike megatron's torch-norm wrapper supports sequence
+    parallelism."""
+    layer = layer_spec(attention_backend)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[layer] * count, layer_norm=RoutedNorm))
 
 
 class SGTMGPTModel(GPTModel):
@@ -164,9 +179,11 @@ def build_model(core: CoreConfig) -> SGTMGPTModel:
                          f"group has {tp} ranks")
     partition = build_partition(core.model, core.partition, core.routing)
     partition.check_tp(tp)
-    config = transformer_config(core.model, tp, use_gpu=use_gpu)
+    config = transformer_config(core.model, tp, use_gpu=use_gpu,
+                                sequence_parallel=core.sequence_parallel)
     model = SGTMGPTModel(
-        config=config, core=core, transformer_layer_spec=layer_spec(core.model.attention_backend),
+        config=config, core=core,
+        transformer_layer_spec=block_spec(config, core.model.attention_backend),
         vocab_size=core.model.vocab_size, max_sequence_length=core.model.seq_length,
         pre_process=True, post_process=True,
         share_embeddings_and_output_weights=core.model.tie_embeddings,

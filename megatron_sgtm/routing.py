@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -18,6 +19,9 @@ from .transfer import to_device
 
 UNLABELED, RETAIN, FORGET = 0, 1, 2
 LABEL_NAMES = {UNLABELED: "unlabeled", RETAIN: "retain", FORGET: "forget"}
+
+# Half-open ranges ``(start, stop)`` of the batch dimension: whole sequences.
+Spans = tuple[tuple[int, int], ...]
 
 ROW_ROLES = ("proj", "fc2")
 COLUMN_ROLES = ("qkv", "fc1")
@@ -72,6 +76,12 @@ class TokenRouting:
     """
 
     labels: torch.Tensor  # [b, s] integer tensor as given by the data loader
+    # Take the copy-free per-sequence path (seq_masking.py) where the labels allow it; False
+    # forces the per-token path everywhere (tests compare the two).
+    use_spans: bool = True
+    # Sequence parallelism: (TP rank, TP size). Norms, row-layer biases and the embedding see
+    # this rank's slice of the sequence, and read the routing of that slice (``for_length``).
+    sequence_shard: Optional[tuple[int, int]] = None
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -89,6 +99,26 @@ class TokenRouting:
         # a guard on a count would recompile for every new count.
         self.has_forget = bool((flat == FORGET).any())
         self.has_retain = bool((flat == RETAIN).any())
+        self.spans = label_spans(host)
+        self.local = None
+        if self.sequence_shard is not None:
+            rank, size = self.sequence_shard
+            if self.seq % size:
+                raise ValueError(f"sequence length {self.seq} is not divisible by the "
+                                 f"sequence-parallel size {size}")
+            width = self.seq // size
+            self.local = TokenRouting(host[:, rank * width:(rank + 1) * width],
+                                      use_spans=self.use_spans)
+
+    def for_length(self, seq: int) -> "TokenRouting":
+        """The routing of activations with ``seq`` positions: the whole sequence, or under
+        sequence parallelism this rank's slice of it."""
+        if seq == self.seq:
+            return self
+        if self.local is not None and seq == self.local.seq:
+            return self.local
+        raise ValueError(f"activations with {seq} positions match neither the routed sequence "
+                         f"({self.seq}) nor its sequence-parallel slice")
 
     def prepare(self, device) -> "TokenRouting":
         """Move every per-token tensor to ``device`` now, outside any compiled region."""
@@ -96,7 +126,16 @@ class TokenRouting:
         self.kept_index(device)
         for label in (RETAIN, FORGET):
             self.token_flags(label, device)
+        if self.local is not None:
+            self.local.prepare(device)
         return self
+
+    def memo(self, key, make):
+        """A host-side value derived from the labels, computed once per micro-batch (plans
+        that every layer with the same rule shares)."""
+        if key not in self._device_cache:
+            self._device_cache[key] = make()
+        return self._device_cache[key]
 
     def _cached(self, key, device, make):
         full = (key, str(device))
@@ -140,6 +179,22 @@ class TokenRouting:
         return self._cached(("cols", label, columns, width, invert_columns), device, make)
 
 
+def label_spans(labels: torch.Tensor) -> dict[int, Spans] | None:
+    """Per label, the maximal runs of consecutive sequences carrying it, when every sequence
+    of ``labels`` ([b, s], host) carries one label; None when some sequence mixes labels."""
+    if labels.shape[1] and not bool((labels == labels[:, :1]).all()):
+        return None
+    per_sequence = labels[:, 0].tolist() if labels.shape[1] else [UNLABELED] * labels.shape[0]
+    runs: dict[int, list[tuple[int, int]]] = {UNLABELED: [], RETAIN: [], FORGET: []}
+    for b, label in enumerate(per_sequence):
+        spans = runs[label]
+        if spans and spans[-1][1] == b:
+            spans[-1] = (spans[-1][0], b + 1)
+        else:
+            spans.append((b, b + 1))
+    return {label: tuple(spans) for label, spans in runs.items()}
+
+
 _state = threading.local()
 
 
@@ -148,13 +203,16 @@ def current() -> TokenRouting | None:
 
 
 @contextlib.contextmanager
-def route(labels: torch.Tensor | None, device=None):
+def route(labels: torch.Tensor | None, device=None, use_spans: bool = True,
+          sequence_shard: Optional[tuple[int, int]] = None):
     """Make ``labels`` ([b, s], codes 0/1/2) the routing for forwards run inside the block.
 
     Pass ``device`` to move the per-token index tensors there up front (needed under
-    torch.compile, harmless otherwise)."""
+    torch.compile, harmless otherwise). ``use_spans=False`` forces the per-token path.
+    ``sequence_shard``: (TP rank, TP size) under sequence parallelism."""
     previous = current()
-    _state.routing = None if labels is None else TokenRouting(labels)
+    _state.routing = None if labels is None else TokenRouting(
+        labels, use_spans=use_spans, sequence_shard=sequence_shard)
     if _state.routing is not None and device is not None:
         _state.routing.prepare(device)
     try:

@@ -30,12 +30,24 @@ ROUTINGS = {
 SEQ_LABELS = [0, 1, 2, 2, 1, 0]
 
 
-def core_config(family: str, routing: dict, tp: int, dtype: str = "fp32"):
+def core_config(family: str, routing: dict, tp: int, dtype: str = "fp32",
+                sequence_parallel: bool = False):
     from megatron_sgtm.config import CoreConfig, ModelConfig, PartitionConfig, RoutingConfig
 
     return CoreConfig(model=ModelConfig(**MODEL_FAMILIES[family], params_dtype=dtype),
                       partition=PartitionConfig(**PARTITION), routing=RoutingConfig(**routing),
-                      tensor_parallel=tp)
+                      tensor_parallel=tp, sequence_parallel=sequence_parallel)
+
+
+def sum_sequence_parallel_grads(model):
+    """Under sequence parallelism each TP rank holds the norm / row-bias gradient of its own
+    sequence slice; sum them over TP, as megatron's finalize_model_grads does in training."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False) and p.grad is not None:
+            dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
 
 
 def batch(family: str, seed: int = 7):
@@ -158,7 +170,9 @@ def reference_grads(core, full_state, tokens, targets, labels):
 
 
 # ---------------------------------------------------------------- code under test
-def routed_grads(core, full_state, tokens, targets, labels, tp, rank):
+def routed_grads(core, full_state, tokens, targets, labels, tp, rank, use_spans=True):
+    """``use_spans``: the copy-free per-sequence path (seq_masking.py) where labels allow it;
+    False forces the per-token path (masking.py)."""
     from megatron_sgtm.model import build_model
     from megatron_sgtm.routing import route
     from tp_utils import gather_full, load_full_state
@@ -166,9 +180,12 @@ def routed_grads(core, full_state, tokens, targets, labels, tp, rank):
     gated = core.model.activation == "swiglu"
     model = build_model(core)
     load_full_state(model, full_state, tp, rank, gated)
-    with route(labels):
+    shard = (rank, tp) if core.sequence_parallel else None
+    with route(labels, use_spans=use_spans, sequence_shard=shard):
         loss = token_loss(model, tokens, targets)
     loss.sum().backward()
+    if core.sequence_parallel:
+        sum_sequence_parallel_grads(model)
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
              for n, p in model.named_parameters()}
     return loss.detach(), gather_full(grads, tp, gated)
@@ -216,27 +233,34 @@ def slice_norms(core, grads):
     return out
 
 
-def slice_matrix(family, full_state, dtype="fp32"):
+def slice_matrix(family, full_state, dtype="fp32", use_spans=True, tp=1, rank=0,
+                 sequence_parallel=False):
     """Gradient norm per slice for forget-only and retain-path-only batches, every routing;
-    ``dtype`` bf16 builds the model as GPU training does (all parameters bf16)."""
+    ``dtype`` bf16 builds the model as GPU training does (all parameters bf16). At ``tp`` > 1
+    the gradients are gathered into the TP=1 layout first."""
     from megatron_sgtm.model import build_model
     from megatron_sgtm.routing import route
-    from tp_utils import load_full_state
+    from tp_utils import gather_full, load_full_state
 
     tokens, targets, _ = batch(family)
     result = {}
     for rname, routing in {**ROUTINGS, "none": {"method": "none"}}.items():
-        core = core_config(family, routing, 1, dtype)
+        core = core_config(family, routing, tp, dtype, sequence_parallel=sequence_parallel)
+        gated = core.model.activation == "swiglu"
         for label in (1, 2):
             model = build_model(core)
             assert {p.dtype for p in model.parameters()} == \
                 {torch.bfloat16 if dtype == "bf16" else torch.float32}
-            load_full_state(model, full_state, 1, 0, core.model.activation == "swiglu")
+            load_full_state(model, full_state, tp, rank, gated)
             labels = torch.full(tokens.shape, label)
-            with route(labels):
+            shard = (rank, tp) if sequence_parallel else None
+            with route(labels, use_spans=use_spans, sequence_shard=shard):
                 token_loss(model, tokens, targets).sum().backward()
-            grads = {n: p.grad.float() for n, p in model.named_parameters()}
-            result[(rname, label)] = slice_norms(core, grads)
+            if sequence_parallel:
+                sum_sequence_parallel_grads(model)
+            grads = gather_full({n: p.grad.float() for n, p in model.named_parameters()}, tp,
+                                gated)
+            result[(rname, label)] = slice_norms(core_config(family, routing, 1, dtype), grads)
     return result
 
 
@@ -249,32 +273,46 @@ def _init(world):
 
 def world1(rank, world):
     _init(world)
-    out = {"states": {}, "ref": {}, "ours": {}, "slices": {}, "slices_bf16": {}}
+    out = {"states": {}, "ref": {}, "ours": {}, "ours_tokens": {}, "ours_sorted": {},
+           "slices": {}, "slices_tokens": {}, "slices_bf16": {}}
+    order = sorted(range(len(SEQ_LABELS)), key=lambda b: -SEQ_LABELS[b])  # [2, 2, 1, 1, 0, 0]
     for family in MODEL_FAMILIES:
         full = initial_state(family)
         out["states"][family] = full
         tokens, targets, labels = batch(family)
         for rname, routing in ROUTINGS.items():
             core = core_config(family, routing, 1)
-            out["ref"][(family, rname)] = reference_grads(core, full, tokens, targets, labels)
-            out["ours"][(family, rname)] = routed_grads(core, full, tokens, targets, labels, 1, 0)
+            key = (family, rname)
+            out["ref"][key] = reference_grads(core, full, tokens, targets, labels)
+            out["ours"][key] = routed_grads(core, full, tokens, targets, labels, 1, 0)
+            out["ours_tokens"][key] = routed_grads(core, full, tokens, targets, labels, 1, 0,
+                                                   use_spans=False)
+            # The same sequences, ordered by label as the training loader builds batches.
+            out["ours_sorted"][key] = routed_grads(core, full, tokens[order], targets[order],
+                                                   labels[order], 1, 0)
         out["slices"][family] = slice_matrix(family, full)
+        out["slices_tokens"][family] = slice_matrix(family, full, use_spans=False)
         out["slices_bf16"][family] = slice_matrix(family, full, dtype="bf16")
     out["ablation"] = ablation_check(out["states"], 1, 0)
     return out
 
 
-def world_n(rank, world, states):
+def world_n(rank, world, states, sequence_parallel=False):
     _init(world)
-    out = {"ours": {}}
+    out = {"ours": {}, "ours_tokens": {}}
     for family, full in states.items():
         tokens, targets, labels = batch(family)
         for rname, routing in ROUTINGS.items():
-            core = core_config(family, routing, world)
-            out["ours"][(family, rname)] = routed_grads(core, full, tokens, targets, labels,
-                                                        world, rank)
+            core = core_config(family, routing, world, sequence_parallel=sequence_parallel)
+            for path, use_spans in (("ours", True), ("ours_tokens", False)):
+                out[path][(family, rname)] = routed_grads(core, full, tokens, targets, labels,
+                                                          world, rank, use_spans=use_spans)
     out["ablation"] = ablation_check(states, world, rank)
-    out["collectives"] = count_collectives(states, world, rank)
+    out["collectives"] = count_collectives(states, world, rank, sequence_parallel)
+    if sequence_parallel:
+        out["slices"] = {family: slice_matrix(family, full, tp=world, rank=rank,
+                                              sequence_parallel=True)
+                         for family, full in states.items()}
     return out if rank == 0 else None
 
 
@@ -319,10 +357,12 @@ def ablation_check(states, tp, rank):
 
 
 # ---------------------------------------------------------------- communication
-def count_collectives(states, tp, rank):
-    """Collective calls in one forward+backward, per routing method, with mixed labels."""
+def count_collectives(states, tp, rank, sequence_parallel=False):
+    """Collective calls in one forward+backward, per routing method, with mixed labels, in
+    order. megatron's own modules bind all-gather / reduce-scatter under aliases at import;
+    those are counted under the torch name they stand for."""
     import torch.distributed as dist
-    from megatron.core.tensor_parallel import mappings
+    from megatron.core.tensor_parallel import layers, mappings
 
     from megatron_sgtm.model import build_model
     from megatron_sgtm.routing import route
@@ -330,10 +370,14 @@ def count_collectives(states, tp, rank):
 
     counts = {}
     names = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-             "broadcast", "all_to_all_single", "barrier", "reduce", "send", "recv")
-    originals = {n: getattr(dist, n) for n in names}
-    mapped = {n: getattr(mappings, n) for n in ("dist_all_gather_func", "dist_reduce_scatter_func")
-              if hasattr(mappings, n)}
+             "broadcast", "all_to_all_single", "barrier", "reduce", "send", "recv",
+             "_all_gather_base", "_reduce_scatter_base")
+    aliases = {"dist_all_gather_func": "all_gather_into_tensor",
+               "dist_reduce_scatter_func": "reduce_scatter_tensor"}
+    patched = [(dist, n, getattr(dist, n), n) for n in names if hasattr(dist, n)]
+    patched += [(module, alias, getattr(module, alias), canonical)
+                for module in (mappings, layers) for alias, canonical in aliases.items()
+                if hasattr(module, alias)]
     calls = []
 
     def wrap(name, fn):
@@ -345,21 +389,18 @@ def count_collectives(states, tp, rank):
     family = "gqa_swiglu"
     tokens, targets, labels = batch(family)
     try:
-        for n, fn in originals.items():
-            setattr(dist, n, wrap(n, fn))
-        for n, fn in mapped.items():
-            setattr(mappings, n, wrap(n, fn))
+        for module, name, fn, canonical in patched:
+            setattr(module, name, wrap(canonical, fn))
         for rname, routing in {"none": {"method": "none"}, **ROUTINGS}.items():
-            core = core_config(family, routing, tp)
+            core = core_config(family, routing, tp, sequence_parallel=sequence_parallel)
             model = build_model(core)
             load_full_state(model, states[family], tp, rank, True)
             calls.clear()
-            with route(labels):
+            shard = (rank, tp) if sequence_parallel else None
+            with route(labels, sequence_shard=shard):
                 token_loss(model, tokens, targets).sum().backward()
-            counts[rname] = sorted(calls)
+            counts[rname] = list(calls)
     finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
-        for n, fn in mapped.items():
-            setattr(mappings, n, fn)
+        for module, name, fn, _ in patched:
+            setattr(module, name, fn)
     return counts

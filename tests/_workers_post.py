@@ -110,9 +110,40 @@ def world_tp1(rank, world):
             except export_hf.ExportError as exc:
                 hf[(family, variant)]["pruned_error"] = str(exc)
     out["prune"], out["hf"] = prune, hf
+    out["hf_import"] = hf_import_checks(out["ablation"])
     out["calibration"] = calibration_check(1)
     out["generation"] = generation_check(1, out["ablation"][("mha_gelu", "default")]["full"])
     out["tools"] = train_tools()
+    return out
+
+
+def hf_import_checks(ablation) -> dict:
+    """Export each ablated model with save_pretrained (safetensors), load it back through
+    hf_import, with and without its sgtm_export.json record."""
+    import tempfile
+    from pathlib import Path
+
+    from megatron_sgtm.post import common, export_hf, hf_import
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for (family, variant), res in ablation.items():
+            tokens = make_batches(family, 1, seed=5)[0].tokens
+            core = core_config(family, 1, variant)
+            path = Path(tmp) / f"{family}-{variant}"
+            export_hf.to_hf(res["ablated_full"], core).save_pretrained(path)
+            hf_import.write_record(path, core, {"step": 3})
+            back = hf_import.full_params(hf_import.read_safetensors(path), core, path)
+            model, got_core, meta = hf_import.load(path, 1)
+            (path / hf_import.RECORD_FILE).unlink()
+            bare, bare_core, _ = hf_import.load(path, 1)
+            with torch.no_grad():
+                out[(family, variant)] = dict(
+                    exact=sorted(back) == sorted(res["ablated_full"]) and all(
+                        torch.equal(back[k], v) for k, v in res["ablated_full"].items()),
+                    logits=common.logits(model, tokens), bare_logits=common.logits(bare, tokens),
+                    method=got_core.routing.method, bare_method=bare_core.routing.method,
+                    variant=got_core.routing.variant, step=meta["step"])
     return out
 
 

@@ -34,6 +34,15 @@ def test_gpu_bench_smoke_mode_on_cpu(tmp_path):
     assert "vs ref" in proc.stdout and "SGTM on / masking off step time" in proc.stdout
 
 
+def test_checkpoint_integrity_bench_prints_its_ratios(tmp_path):
+    proc = _run(["bench/checkpoint_integrity.py", "--layers", "1", "--hidden", "64", "--vocab",
+                 "256", "--repeats", "1", "--threads", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "machine:" in proc.stdout and proc.stdout.count("ratio") == 2
+    data = json.loads((tmp_path / "checkpoint_integrity.json").read_text())
+    assert data["files"] >= 5 and data["ratios"]["verify/load"] > 0
+
+
 def test_overhead_bench_prints_a_ratio(tmp_path):
     proc = _run(["bench/sgtm_overhead.py", "--layers", "1", "--hidden", "64", "--seq", "16",
                  "--batch", "4", "--steps", "2", "--threads", "1"], tmp_path)

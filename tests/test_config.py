@@ -42,9 +42,36 @@ def test_indivisible_partition_is_a_config_error():
                                        "partition.forget_heads=1", "partition.forget_mlp_units=8"])
 
 
-def test_full_recompute_is_refused():
-    with pytest.raises(ConfigError, match="activation_recompute"):
-        load_config(CoreConfig, None, ["model.activation_recompute=full"])
+def test_full_recompute_is_accepted_and_checked_against_the_chunk_layers():
+    cfg = load_config(CoreConfig, None, ["model.activation_recompute=full"])
+    assert cfg.model.activation_recompute == "full"
+    with pytest.raises(ConfigError, match="recompute_num_layers 3 does not divide the 2 layers"):
+        load_config(CoreConfig, None, ["model.activation_recompute=full",
+                                       "model.recompute_num_layers=3"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["sequence_parallel=true"], "sequence_parallel needs tensor_parallel > 1"),
+    (["sequence_parallel=true", "tensor_parallel=2", "model.seq_length=63"],
+     "seq_length 63 is not divisible by tensor_parallel 2"),
+    (["pipeline_parallel=3"], "pipeline_parallel 3 exceeds model.num_layers 2"),
+    (["pipeline_parallel=2", "model.num_layers=3"],
+     "num_layers 3 is not divisible by pipeline_parallel 2 = 2 model chunks"),
+    (["pipeline_parallel=2", "virtual_pipeline_parallel=2", "model.num_layers=6"],
+     "num_layers 6 is not divisible by pipeline_parallel 2 x virtual_pipeline_parallel 2"),
+    (["virtual_pipeline_parallel=2"], "needs at least 2 chunks per stage and pipeline_parallel"),
+    (["pipeline_parallel=0"], "pipeline_parallel: must be positive"),
+])
+def test_model_parallel_layout_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CoreConfig, None, overrides)
+
+
+def test_model_parallel_layout_accepted():
+    cfg = load_config(CoreConfig, None, ["tensor_parallel=2", "sequence_parallel=true",
+                                         "pipeline_parallel=2", "virtual_pipeline_parallel=2",
+                                         "model.num_layers=8", "partition.forget_heads=2"])
+    assert (cfg.model_parallel, cfg.layers_per_chunk) == (4, 2)
 
 
 def test_cross_field_checks():

@@ -24,9 +24,11 @@ def tp1():
     return run_distributed(world1, 1)[0]
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+@pytest.fixture(scope="module", params=[(2, False), (4, False), (2, True)],
+                ids=["tp2", "tp4", "tp2_sp"])
 def tpn(request, tp1):
-    return request.param, run_distributed(world_n, request.param, tp1["states"])[0]
+    tp, sequence_parallel = request.param
+    return tp, run_distributed(world_n, tp, tp1["states"], sequence_parallel)[0]
 
 
 def _assert_grads_close(ours: dict, ref: dict, what: str):
@@ -38,12 +40,30 @@ def _assert_grads_close(ours: dict, ref: dict, what: str):
 
 
 CASES = [(f, r) for f in MODEL_FAMILIES for r in ROUTINGS]
+# "ours": the copy-free per-sequence path (seq_masking.py); "ours_tokens": the per-token path
+# (masking.py), which serves labels that change inside a sequence and compiled graphs.
+PATHS = ["ours", "ours_tokens"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("family,routing", CASES)
+def test_mixed_batch_equals_per_example_reference(tp1, family, routing, path):
+    _loss, ours = tp1[path][(family, routing)]
+    _assert_grads_close(ours, tp1["ref"][(family, routing)], f"{family}/{routing} {path} TP=1")
 
 
 @pytest.mark.parametrize("family,routing", CASES)
-def test_mixed_batch_equals_per_example_reference(tp1, family, routing):
-    _loss, ours = tp1["ours"][(family, routing)]
-    _assert_grads_close(ours, tp1["ref"][(family, routing)], f"{family}/{routing} TP=1")
+def test_both_masking_paths_and_label_order_agree(tp1, family, routing):
+    """The per-sequence and per-token paths give the same loss and gradients; so does the same
+    micro-batch with its sequences ordered by label, as the training loader builds it (the
+    loss is a mean over tokens and attention stays inside a sequence)."""
+    loss, spans = tp1["ours"][(family, routing)]
+    loss_tokens, tokens = tp1["ours_tokens"][(family, routing)]
+    loss_sorted, ordered = tp1["ours_sorted"][(family, routing)]
+    assert torch.allclose(loss, loss_tokens, atol=1e-6)
+    assert torch.allclose(loss.sum(), loss_sorted.sum(), atol=1e-5)
+    _assert_grads_close(tokens, spans, f"{family}/{routing}: token path vs sequence path")
+    _assert_grads_close(ordered, spans, f"{family}/{routing}: sorted vs unsorted batch")
 
 
 def test_reference_is_not_trivially_equal_to_plain_training(tp1):
@@ -54,14 +74,15 @@ def test_reference_is_not_trivially_equal_to_plain_training(tp1):
     assert (ref[qkv] - ref_am[qkv]).abs().max() > 1e-4
 
 
-def test_tensor_parallel_gives_same_losses_and_grads(tp1, tpn):
+@pytest.mark.parametrize("path", PATHS)
+def test_tensor_parallel_gives_same_losses_and_grads(tp1, tpn, path):
     tp, result = tpn
     for key in CASES:
-        loss1, grads1 = tp1["ours"][key]
-        loss_n, grads_n = result["ours"][key]
+        loss1, grads1 = tp1[path][key]
+        loss_n, grads_n = result[path][key]
         assert torch.allclose(loss1, loss_n, atol=1e-5), f"{key} loss differs at TP={tp}"
-        _assert_grads_close(grads_n, grads1, f"{key} TP={tp}")
-        _assert_grads_close(grads_n, tp1["ref"][key], f"{key} TP={tp} vs reference")
+        _assert_grads_close(grads_n, grads1, f"{key} TP={tp} ({path})")
+        _assert_grads_close(grads_n, tp1["ref"][key], f"{key} TP={tp} ({path}) vs reference")
 
 
 def _expected_zero(routing: str, slice_name: str, label: int) -> bool:
@@ -95,13 +116,14 @@ def _expected_zero(routing: str, slice_name: str, label: int) -> bool:
     return role in ("qkv", "fc1") or slice_name in ("proj_w_retain", "fc2_w_retain")
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("matrix", ["slices", "slices_tokens", "slices_bf16"])
 @pytest.mark.parametrize("family", list(MODEL_FAMILIES))
 @pytest.mark.parametrize("routing", list(ROUTINGS) + ["none"])
-def test_per_slice_gradient_matrix(tp1, family, routing, dtype):
-    # bf16: every parameter bf16, as GPU training builds the model; masking stays exact.
+def test_per_slice_gradient_matrix(tp1, family, routing, matrix):
+    # slices_tokens: the per-token path; slices_bf16: every parameter bf16, as GPU training
+    # builds the model. Masking stays exact in each.
     for label in (1, 2):
-        norms = tp1["slices" if dtype == "fp32" else "slices_bf16"][family][(routing, label)]
+        norms = tp1[matrix][family][(routing, label)]
         for name, norm in norms.items():
             if _expected_zero(routing, name, label):
                 assert norm == 0.0, f"{routing}: {name} must get no gradient from label {label}"
@@ -122,6 +144,22 @@ def test_ablation_equals_retain_mode_tp1(tp1):
 def test_ablation_equals_retain_mode_tpn(tpn):
     tp, result = tpn
     _check_ablation(result["ablation"], tp)
+
+
+def test_per_slice_gradient_matrix_under_sequence_parallelism(tp1, tpn):
+    """TP=2 with sequence parallelism: every slice's gradient, gathered, equals the TP=1
+    matrix's zero / non-zero pattern (and, up to float tolerance, its norms)."""
+    tp, result = tpn
+    if "slices" not in result:
+        pytest.skip("sequence-parallel case only")
+    for family, matrix in result["slices"].items():
+        for key, norms in matrix.items():
+            routing, label = key
+            for name, norm in norms.items():
+                reference = tp1["slices"][family][key][name]
+                if _expected_zero(routing, name, label):
+                    assert norm == 0.0, f"SP {routing}: {name} must get no gradient from {label}"
+                assert abs(norm - reference) <= 1e-4 * max(1.0, reference), (family, key, name)
 
 
 def test_routing_adds_no_collectives(tpn):

@@ -39,6 +39,17 @@ def test_batch_fields_and_label_homogeneity(split):
     assert seen == {0, 1, 2}
 
 
+def test_micro_batches_are_ordered_by_label(split):
+    """Forget, then retain-path, then unlabeled sequences: each label one contiguous range,
+    as the copy-free masking path wants; the global sample order decides which samples."""
+    tb = TrainBatches(split, SEQ, MBS, 0, 1, seed=0, method="sgtm")
+    for step, b in enumerate(_take(tb, 20)):
+        labels = b["sample_label"].tolist()
+        assert labels == sorted(labels, reverse=True)
+        unsorted = tb.global_samples(step * MBS, MBS)
+        assert sorted(tb.index.routing_label[unsorted].tolist(), reverse=True) == labels
+
+
 def test_forget_rows_are_spanish_text(split):
     import sentencepiece as spm
 

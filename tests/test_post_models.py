@@ -87,6 +87,17 @@ def test_hf_export_matches_zeroed_model(tp1, case):
         assert "export the zeroed, not the pruned" in hf["pruned_error"]
 
 
+@pytest.mark.parametrize("case", CASES, ids=["/".join(c) for c in CASES])
+def test_hf_export_loads_back_bit_exact(tp1, case):
+    got = tp1["hf_import"][case]
+    assert got["exact"], "safetensors export -> megatron layout is not the exported tensors"
+    ablated = tp1["ablation"][case]["ablated_logits"]
+    assert (got["logits"] - ablated).abs().max() < 1e-5
+    assert (got["bare_logits"] - ablated).abs().max() < 1e-5  # config.json alone suffices
+    assert (got["method"], got["variant"], got["step"]) == ("sgtm", case[1], 3)
+    assert got["bare_method"] == "none"  # without the record, nothing claims theta_forget
+
+
 def test_calibration_changes_only_the_output_bias(tp1, tp2):
     for what, cal in [("tp1", tp1["calibration"])] + [
             (f"tp2 rank {r}", o["calibration"]) for r, o in enumerate(tp2)]:

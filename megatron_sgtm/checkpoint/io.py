@@ -13,32 +13,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from . import optim
-from .layout import (FORMAT_VERSION, META_FILE, STATE_DIR, CheckpointError, atomic_write_text,
-                     prune, publish, rank_file, read_metadata, resolve, step_dir_name)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast(value):
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+from . import optim, rank_state
+from .collective import barrier as _barrier
+from .collective import broadcast as _broadcast
+from .collective import rank as _rank
+from .collective import world as _world
+from .layout import (FORMAT_VERSION, META_FILE, PICKLED_RANK_FORMAT, STATE_DIR, CheckpointError,
+                     atomic_write_text, pickled_rank_file, prune, publish, rank_file,
+                     read_metadata, resolve, step_dir_name)
+from .verify import record_files, verify_checkpoint
 
 
 def _parallel_sizes() -> dict:
@@ -140,15 +124,17 @@ def save_checkpoint(root, step: int, model, optimizer, extra: dict, config: dict
     state, kind, _ = _state_dicts(model, optimizer, loading=False)
     shapes = model_shapes(state["model"])
     dist_checkpointing.save(state, str(tmp / STATE_DIR))
-    torch.save({"extra": extra, "rng": rng_state()}, rank_file(tmp, rank))
+    rank_state.write(rank_file(tmp, rank), extra, rng_state())
     for hook in hooks:
         hook.save(tmp)
     _barrier()  # every rank's files are on disk
+    files = record_files(tmp)  # sha256 of each, the work split over the ranks
 
     final = root / step_dir_name(step)
     if rank == 0:
         sizes, versions = _parallel_sizes(), _versions()
         meta = {"format_version": FORMAT_VERSION, "step": int(step), "config": config,
+                "files": files,
                 "partition": partition_meta, "model_shapes": shapes, "optimizer": kind,
                 "world_size": _world(), **sizes, "tp": sizes["tensor_parallel"],
                 "dp": sizes["data_parallel"], "versions": versions,
@@ -230,13 +216,16 @@ def check_compatible(meta: dict, shapes: dict, expected_partition: Optional[dict
 
 
 def load_checkpoint(root_or_dir, model, optimizer, expected_config: Optional[dict],
-                    expected_partition: Optional[dict], hooks: Sequence[Any] = ()) -> dict:
+                    expected_partition: Optional[dict], hooks: Sequence[Any] = (),
+                    trust_pickle: bool = False) -> dict:
     """Load the latest complete checkpoint (or the given one) into ``model``/``optimizer``.
 
     Everything that would make the load wrong (another partition, other tensor shapes, a
     missing optimizer state) is checked before the model is touched: the partition ids, the
     model-shape keys of ``expected_config`` (``model`` at top level or under ``core``) and
-    every tensor's global shape. Returns this rank's
+    every tensor's global shape. Then ``verify_checkpoint``: every file's sha256, and the
+    pickle allowlist for the files megatron unpickles (``trust_pickle`` skips the allowlist
+    and admits format-1 checkpoints, whose per-rank files are pickles). Returns this rank's
     ``extra`` with ``step``-independent keys added: ``rng_state`` (this rank's RNG states; pass
     to ``restore_rng_state``) and ``checkpoint`` (the directory loaded).
     """
@@ -246,6 +235,7 @@ def load_checkpoint(root_or_dir, model, optimizer, expected_config: Optional[dic
     meta = read_metadata(directory)
     check_compatible(meta, model_shapes(model.sharded_state_dict()), expected_partition,
                      expected_config)
+    verify_checkpoint(directory, meta, trust_pickle)
     kind = optim.kind(optimizer)
     if kind != "none" and meta.get("optimizer") != kind:
         raise CheckpointError(f"{directory}: holds optimizer state of kind "
@@ -266,17 +256,28 @@ def load_checkpoint(root_or_dir, model, optimizer, expected_config: Optional[dic
     for hook in hooks:  # the counterpart of save_checkpoint's hooks (e.g. DeepSpeed's files)
         hook.load(directory)
 
-    mine = rank_file(directory, _rank())
-    if not mine.exists():  # resumed on more ranks than saved: rank 0's position is global
-        mine = rank_file(directory, 0)
-    extra: dict = {}
-    if mine.exists():
-        saved = torch.load(mine, weights_only=False)
-        extra = dict(saved.get("extra") or {})
-        extra.setdefault("rng_state", saved.get("rng"))
+    extra = _rank_extra(directory, meta.get("format_version"))
     extra.setdefault("checkpoint", str(directory))
     return extra
 
 
+def _rank_extra(directory: Path, version) -> dict:
+    """This rank's ``extra`` plus ``rng_state``; rank 0's when the run had fewer ranks."""
+    pickled = version == PICKLED_RANK_FORMAT  # only reached when the caller trusts it
+    name = pickled_rank_file if pickled else rank_file
+    mine = name(directory, _rank())
+    if not mine.exists():  # resumed on more ranks than saved: rank 0's position is global
+        mine = name(directory, 0)
+    if not mine.exists():
+        return {}
+    if pickled:
+        saved = torch.load(mine, weights_only=False)
+    else:
+        saved = rank_state.read(mine)
+    extra = dict(saved.get("extra") or {})
+    extra.setdefault("rng_state", saved.get("rng"))
+    return extra
+
+
 __all__ = ["save_checkpoint", "load_checkpoint", "check_compatible", "model_shapes",
-           "rng_state", "restore_rng_state", "CheckpointError"]
+           "rng_state", "restore_rng_state", "verify_checkpoint", "CheckpointError"]

@@ -8,8 +8,13 @@ loaded.
 
 Inside a checkpoint:
 - ``state/``: megatron ``dist_checkpointing`` (model + optimizer, resharded on load);
-- ``sgtm_meta.json``: step, full config, partition global ids, model tensor shapes, versions;
-- ``rank_XXXXX.pt``: the per-rank part of ``extra`` (RNG states, data position, counters).
+- ``sgtm_meta.json``: step, full config, partition global ids, model tensor shapes, versions,
+  and the sha256 and size of every other file (``files``);
+- ``rank_XXXXX.safetensors``: the per-rank part of ``extra`` (RNG states, data position,
+  counters) as tensors + JSON, no pickle (``rank_state.py``).
+
+Format 1 (before per-rank files left pickle) stored ``rank_XXXXX.pt`` pickles and no
+checksums; it loads only when the caller trusts the checkpoint (``--trust-checkpoint``).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+PICKLED_RANK_FORMAT = 1  # the last format whose per-rank files were pickles
 META_FILE = "sgtm_meta.json"
 STATE_DIR = "state"
 LATEST_FILE = "latest"
@@ -38,6 +44,11 @@ def step_dir_name(step: int) -> str:
 
 
 def rank_file(directory: Path, rank: int) -> Path:
+    return Path(directory) / f"rank_{rank:05d}.safetensors"
+
+
+def pickled_rank_file(directory: Path, rank: int) -> Path:
+    """Format 1's per-rank file (a pickle)."""
     return Path(directory) / f"rank_{rank:05d}.pt"
 
 
@@ -88,25 +99,28 @@ def read_metadata(directory) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: not format-{FORMAT_VERSION} checkpoint metadata")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version not in (PICKLED_RANK_FORMAT, FORMAT_VERSION):
+        raise CheckpointError(f"{path}: not format-{FORMAT_VERSION} checkpoint metadata "
+                              f"(format_version {version!r})")
     meta.setdefault("partition_meta", meta.get("partition"))
-    meta.setdefault("extra", _rank0_extra(directory))
+    meta.setdefault("extra", _rank0_extra(directory) if version == FORMAT_VERSION else {})
     return meta
 
 
 def _rank0_extra(directory: Path) -> dict:
-    """Rank 0's ``extra`` (without RNG states): the run-wide record callers read."""
+    """Rank 0's ``extra`` (without RNG states): the run-wide record callers read. Format 1's
+    pickled ``extra`` is read only by a trusted load (``load_checkpoint``), never here."""
     path = rank_file(directory, 0)
     if not path.is_file():
         return {}
-    import torch
+    from .rank_state import read_extra
 
     try:
-        saved = torch.load(path, weights_only=False)
-    except Exception as exc:  # a damaged file is a damaged checkpoint, whatever the cause
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
-    return dict(saved.get("extra") or {}) if isinstance(saved, dict) else {}
+        return dict(read_extra(path))
+    except CheckpointError:
+        return {}  # a damaged file fails the load's checks, which name it
+
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

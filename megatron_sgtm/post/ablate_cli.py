@@ -53,12 +53,13 @@ def _main(args) -> int:
     from ..model import build_model
     from .ablate import max_abs_forget, prune_full_params, zero_forget_
     from .export_hf import export_hf
+    from .hf_import import write_record
     from .layout import gather_full_params, load_full_params
 
     tp = start(args.tp)
     if args.out.exists():
         raise PostError(f"output {args.out}: already exists; choose another directory")
-    model, core, meta = ckpt_io.load(args.checkpoint, tp)
+    model, core, meta = ckpt_io.load(args.checkpoint, tp, args.trust_checkpoint)
     zeroed = zero_forget_(model)
     if max_abs_forget(model) != 0.0:
         raise PostError("internal: theta_forget is not zero after ablation")
@@ -83,6 +84,7 @@ def _main(args) -> int:
             tmp = atomic_dir(args.out)
             try:
                 export_hf(full, out_core, tmp, _tokenizer(args, meta))
+                write_record(tmp, out_core, meta)  # sha256 of the files, the exact config
                 tmp.rename(args.out)
             finally:
                 if tmp.exists():

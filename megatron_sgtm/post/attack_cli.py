@@ -42,7 +42,7 @@ def _main(args) -> int:
                        max_steps=args.max_steps, eval_every=args.eval_every)
     if cfg.problems():
         raise ckpt_io.PostError("; ".join(cfg.problems()))
-    model, core, meta = ckpt_io.load(args.checkpoint, tp)
+    model, core, meta = ckpt_io.load(args.checkpoint, tp, args.trust_checkpoint)
     ckpt_io.check_tokenizer(meta, manifest, args.checkpoint, args.data)
     seq = args.seq or core.model.seq_length
     device = model_device(model)
@@ -50,7 +50,7 @@ def _main(args) -> int:
                                                      args.eval_sequences), args.batch, device)
     target = args.target_loss
     if args.reference is not None:
-        ref, _, ref_meta = ckpt_io.load(args.reference, tp)
+        ref, _, ref_meta = ckpt_io.load(args.reference, tp, args.trust_checkpoint)
         ckpt_io.check_tokenizer(ref_meta, manifest, args.reference, args.data)
         target = evaluate_split(ref, "forget", eval_forget).loss
         del ref

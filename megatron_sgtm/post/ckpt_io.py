@@ -2,7 +2,9 @@
 
 The checkpoint's metadata holds the full config and the partition's global forget ids; the
 model is rebuilt from that config at the TP size of this process (dist_checkpointing
-reshards), and the stored partition must equal the one the config implies.
+reshards), and the stored partition must equal the one the config implies. Every load goes
+through the checkpoint's sha256 and pickle checks (``checkpoint/verify.py``); a Hugging Face
+safetensors export is loaded instead by ``hf_import.py``, with no pickle at all.
 """
 from __future__ import annotations
 
@@ -127,10 +129,16 @@ def check_tokenizer(meta: dict, manifest: dict, path: Path, data: Path) -> None:
                         f"sha256 {ours[:12]}…, data {data} uses {theirs[:12]}…")
 
 
-def load(path: Path, tensor_parallel: int):
-    """(model, core, metadata) for this process's TP rank. parallel_state must be set up."""
-    from ..model import build_model
+def load(path: Path, tensor_parallel: int, trust_pickle: bool = False):
+    """(model, core, metadata) for this process's TP rank. parallel_state must be set up.
 
+    ``path``: a checkpoint (or a root), or a Hugging Face safetensors export directory.
+    ``trust_pickle`` (``--trust-checkpoint``) admits pickled content outside the allowlist."""
+    from ..model import build_model
+    from . import hf_import
+
+    if hf_import.is_hf_export(path):
+        return hf_import.load(path, tensor_parallel)
     path = resolve(path)
     meta = metadata(path)
     core = core_config(meta, path, tensor_parallel)
@@ -138,9 +146,12 @@ def load(path: Path, tensor_parallel: int):
     model = build_model(core)
     ck = _ckpt()
     try:
-        extra = ck.load_checkpoint(path, model, None, meta["config"], partition)
+        extra = ck.load_checkpoint(path, model, None, meta["config"], partition,
+                                   trust_pickle=trust_pickle)
     except ck.CheckpointError as exc:
-        raise PostError(f"checkpoint {path}: {exc}") from None
+        message = str(exc)  # the checks' messages start with the directory already
+        raise PostError(message if message.startswith(str(path)) else
+                        f"checkpoint {path}: {message}") from None
     # The training loop records the data manifest summary (tokenizer sha256) in ``extra``.
     meta["extra"] = {k: v for k, v in extra.items() if k not in ("rng_state", "checkpoint")}
     return model, core, meta

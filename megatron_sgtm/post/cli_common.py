@@ -66,7 +66,13 @@ def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPars
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="checkpoint directory (or a root: latest)")
+    parser.add_argument("checkpoint", type=Path,
+                        help="checkpoint directory (or a root: latest), or a Hugging Face "
+                             "safetensors export (`sgtm ablate --export hf`)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load pickled objects even when they are not on the allowlist "
+                             "(format-1 checkpoints, unknown classes); only for checkpoints "
+                             "whose origin you trust")
     parser.add_argument("--tp", type=int, default=None,
                         help="tensor-parallel size (default: all ranks; 1 without torchrun)")
 

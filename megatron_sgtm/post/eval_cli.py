@@ -56,7 +56,7 @@ def _main(args) -> int:
 
     tp = start(args.tp)
     manifest = read_manifest(args.data)
-    model, core, meta = ckpt_io.load(args.checkpoint, tp)
+    model, core, meta = ckpt_io.load(args.checkpoint, tp, args.trust_checkpoint)
     ckpt_io.check_tokenizer(meta, manifest, args.checkpoint, args.data)
     seq = args.seq or core.model.seq_length
     device = model_device(model)

@@ -37,7 +37,7 @@ def _main(args) -> int:
     cfg = RMUConfig(layer=args.layer, steering_coeff=args.steering_coeff, alpha=args.alpha,
                     lr=args.lr, steps=args.steps, batch_size=args.batch, seed=args.seed)
     manifest = read_manifest(args.data)
-    model, core, meta = ckpt_io.load(args.checkpoint, tp)
+    model, core, meta = ckpt_io.load(args.checkpoint, tp, args.trust_checkpoint)
     ckpt_io.check_tokenizer(meta, manifest, args.checkpoint, args.data)
     if cfg.problems() or cfg.layer >= core.model.num_layers:
         raise ckpt_io.PostError("; ".join(cfg.problems() or [

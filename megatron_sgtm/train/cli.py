@@ -1,8 +1,9 @@
 """``sgtm train --config X.yaml --nproc N --tp T [key=value ...]``: check, then launch torchrun.
 
 Everything that can be checked without the process group is checked here first, so a bad config,
-a damaged shard or a checkpoint of another partition is one clear error before any process
-starts (and before any checkpoint could be touched).
+a damaged shard, or a checkpoint of another partition, with a changed file or with pickled
+content outside the allowlist, is one clear error before any process starts (and before any
+checkpoint could be touched).
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="processes (DP x TP), default 1")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (overrides the config)")
     p.add_argument("--dry-run", action="store_true", help="check and print the command only")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="resume from a checkpoint even if it holds pickled objects outside the "
+                        "allowlist (format 1, unknown classes); sets checkpoint.trust_pickle=true. "
+                        "Only for checkpoints whose origin you trust")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p
 
@@ -65,8 +70,13 @@ def check_resumable(cfg: ExperimentConfig) -> None:
     latest = ck.latest_checkpoint(root) if root.exists() else None
     if latest is None:
         return
+    trust = cfg.checkpoint.trust_pickle
     try:
-        meta = ck.read_metadata(latest)
+        meta = ck.verify_checkpoint(latest, trust_pickle=trust)
+        if cfg.engine.name == "deepspeed" and not trust and (latest / "deepspeed").is_dir():
+            from ..checkpoint.vetting import vet_deepspeed
+
+            vet_deepspeed(latest / "deepspeed")
     except ck.CheckpointError as exc:
         raise TrainError(f"checkpoint: {exc}") from None
     stored = meta.get("partition_meta") or meta.get("partition") or {}
@@ -88,6 +98,8 @@ def main(argv: list[str]) -> int:
     overrides = list(args.overrides)
     if args.tp is not None:
         overrides.append(f"tensor_parallel={args.tp}")
+    if args.trust_checkpoint:
+        overrides.append("checkpoint.trust_pickle=true")
     try:
         if args.nproc <= 0:
             raise TrainError(f"--nproc must be positive, got {args.nproc}")

@@ -107,6 +107,10 @@ class CheckpointConfig:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2
     resume: Literal["auto", "never", "require"] = "auto"
+    # Load pickled objects from the checkpoint to resume even when they are not on the
+    # allowlist (format-1 per-rank pickles, unknown classes): only for checkpoints whose origin
+    # you trust. `sgtm train --trust-checkpoint` sets it. sha256 checks apply regardless.
+    trust_pickle: bool = False
 
     def problems(self) -> list[str]:
         out = []
@@ -157,7 +161,10 @@ class ExperimentConfig(CoreConfig):
     @property
     def core(self) -> CoreConfig:
         return CoreConfig(model=self.model, partition=self.partition, routing=self.routing,
-                          tensor_parallel=self.tensor_parallel)
+                          tensor_parallel=self.tensor_parallel,
+                          sequence_parallel=self.sequence_parallel,
+                          pipeline_parallel=self.pipeline_parallel,
+                          virtual_pipeline_parallel=self.virtual_pipeline_parallel)
 
     @property
     def run_dir(self) -> str:
@@ -176,21 +183,31 @@ class ExperimentConfig(CoreConfig):
         if self.engine.name == "deepspeed" and self.engine.distributed_optimizer:
             out.append("engine.distributed_optimizer applies to the megatron engine; "
                        "DeepSpeed shards with zero_stage")
+        if self.engine.name == "deepspeed" and (self.pipeline_parallel > 1 or
+                                                self.sequence_parallel):
+            out.append("engine.name deepspeed supports data x tensor parallelism only: "
+                       "pipeline_parallel and sequence_parallel need engine.name megatron")
         return out
 
     def batch_plan(self, world_size: int) -> tuple[int, int]:
         """(data-parallel size, gradient-accumulation steps) for ``world_size`` processes."""
-        if world_size % self.tensor_parallel:
-            raise ConfigError([f"{world_size} processes are not divisible by tensor_parallel "
-                               f"{self.tensor_parallel}"])
-        dp = world_size // self.tensor_parallel
+        mp = self.model_parallel
+        layout = f"tensor_parallel {self.tensor_parallel}" + (
+            f" x pipeline_parallel {self.pipeline_parallel}" if self.pipeline_parallel > 1 else "")
+        if world_size % mp:
+            raise ConfigError([f"{world_size} processes are not divisible by {layout} = {mp}"])
+        dp = world_size // mp
         per_step = self.train.micro_batch_size * dp
         if self.train.global_batch_size % per_step:
             raise ConfigError([f"train.global_batch_size {self.train.global_batch_size} is not a "
                                f"multiple of micro_batch_size x data-parallel size = {per_step} "
-                               f"({world_size} processes at tensor_parallel "
-                               f"{self.tensor_parallel})"])
-        return dp, self.train.global_batch_size // per_step
+                               f"({world_size} processes at {layout})"])
+        accum = self.train.global_batch_size // per_step
+        if self.virtual_pipeline_parallel and accum % self.pipeline_parallel:
+            raise ConfigError([f"the interleaved pipeline schedule needs the {accum} "
+                               f"micro-batches per step to be a multiple of pipeline_parallel "
+                               f"{self.pipeline_parallel}"])
+        return dp, accum
 
 
 def _with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:

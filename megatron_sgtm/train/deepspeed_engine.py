@@ -115,6 +115,11 @@ class DeepSpeedEngine:
                                     save_latest=False)
 
     def after_load(self, directory) -> None:
+        if not self.cfg.checkpoint.trust_pickle:
+            # DeepSpeed unpickles its files with weights_only=False: vet them first.
+            from ..checkpoint.vetting import vet_deepspeed
+
+            vet_deepspeed(Path(directory) / "deepspeed")
         path, _ = self.module.load_checkpoint(
             str(Path(directory) / "deepspeed"), tag="state", load_optimizer_states=True,
             load_lr_scheduler_states=False, load_module_only=False)

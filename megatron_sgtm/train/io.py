@@ -130,7 +130,8 @@ def resume(cfg: ExperimentConfig, engine) -> Optional[dict]:
         return None
     try:
         extra = ck.load_checkpoint(latest, engine.model, engine.checkpoint_optimizer(),
-                                   config_to_dict(cfg), partition_meta(engine))
+                                   config_to_dict(cfg), partition_meta(engine),
+                                   trust_pickle=cfg.checkpoint.trust_pickle)
         engine.after_load(Path(extra.get("checkpoint", latest)))
     except ck.CheckpointError as exc:
         raise TrainError(f"checkpoint: {exc}") from None
