@@ -45,13 +45,18 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+def plan_state(recipe: Recipe) -> tuple[list[ShardSpec], str, dict]:
+    """The shard plan, its JSON text, and the stamps of every input (a given tokenizer too)."""
+    plan = make_plan(recipe)
+    extra = [recipe.tokenizer.model] if recipe.tokenizer.model else []
+    return plan, plan_to_json(plan, recipe_fingerprint(recipe), recipe.name), input_stamps(plan, extra)
+
+
 def open_plan(recipe: Recipe, out: Path, force: bool, log: Log) -> tuple[list[ShardSpec], GlobalState]:
     """The plan and a finished global stage: reused when the directory holds this corpus,
     otherwise built (after every read it needs succeeded, so bad input leaves ``out`` as it was)."""
     out = Path(out)
-    plan = make_plan(recipe)
-    plan_text = plan_to_json(plan, recipe_fingerprint(recipe), recipe.name)
-    stamps = input_stamps(plan)
+    plan, plan_text, stamps = plan_state(recipe)
     if out.exists() and not out.is_dir():
         raise PrepError(f"output {out}: exists and is not a directory")
     # --force starts afresh, but clears the old output only after every read succeeded.
@@ -150,9 +155,8 @@ def run_task(recipe: Recipe, out: str | Path, task_index: int, shards_per_task: 
              log: Log = _stderr) -> list[int]:
     """One SLURM array task: the shards ``[i*k, (i+1)*k)`` not finished yet."""
     out = Path(out)
-    plan = make_plan(recipe)
-    plan_text = plan_to_json(plan, recipe_fingerprint(recipe), recipe.name)
-    if not check_state(out, plan_text, input_stamps(plan)):
+    plan, plan_text, stamps = plan_state(recipe)
+    if not check_state(out, plan_text, stamps):
         raise PrepError(f"{out}: no shard plan for this recipe; run the global stage first "
                         "(sgtm prep --executor slurm does)")
     state = load_global(out, plan)
@@ -170,9 +174,8 @@ def run_task(recipe: Recipe, out: str | Path, task_index: int, shards_per_task: 
 
 def reduce_only(recipe: Recipe, out: str | Path, log: Log = _stderr) -> dict:
     out = Path(out)
-    plan = make_plan(recipe)
-    plan_text = plan_to_json(plan, recipe_fingerprint(recipe), recipe.name)
-    if not check_state(out, plan_text, input_stamps(plan)):
+    plan, plan_text, stamps = plan_state(recipe)
+    if not check_state(out, plan_text, stamps):
         raise PrepError(f"{out}: no shard plan for this recipe; nothing to reduce")
     load_global(out, plan)
     return reduce_stage(recipe, out, plan, log)

@@ -142,17 +142,18 @@ def plan_to_json(plan: list[ShardSpec], fingerprint: str, recipe_name: str) -> s
                       sort_keys=True, indent=1) + "\n"
 
 
-def input_stamps(plan: list[ShardSpec]) -> dict:
-    """Size and modification time of every input file: a changed input is refused (--force)."""
+def input_stamps(plan: list[ShardSpec], extra: list[str] = ()) -> dict:
+    """Size and modification time of every input file (and of ``extra`` files, e.g. a given
+    tokenizer): a changed input is refused (--force)."""
     out = {}
-    for s in plan:
-        if s.path and s.path not in out:
+    for path, what in [(s.path, f"the input of shard {s.index} of the plan") for s in plan] + \
+            [(p, "an input of the recipe") for p in extra]:
+        if path and path not in out:
             try:
-                st = os.stat(s.path)
+                st = os.stat(path)
             except OSError as e:
-                raise PrepError(f"{s.path}: cannot read ({e.strerror}); it is the input of "
-                                f"shard {s.index} of the plan") from None
-            out[s.path] = [st.st_size, st.st_mtime_ns]
+                raise PrepError(f"{path}: cannot read ({e.strerror}); it is {what}") from None
+            out[path] = [st.st_size, st.st_mtime_ns]
     return out
 
 
