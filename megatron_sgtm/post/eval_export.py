@@ -1,0 +1,123 @@
+"""The Hugging Face export an lm-eval run reads: written from a checkpoint, or reused.
+
+An export made here carries ``sgtm_export.json``: the checkpoint directory, a fingerprint of
+its files (names, sizes, mtimes and the metadata's sha256), whether theta_forget was zeroed,
+and the tokenizer's sha256. A later run with the same checkpoint and ablation reuses it; a
+changed checkpoint replaces it (atomically: written beside, then swapped in); a directory
+without that file is never overwritten.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .ckpt_io import PostError, _find_sha
+
+EXPORT_FILE = "sgtm_export.json"
+META_FILE = "sgtm_meta.json"
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A transformers model directory (an export) rather than a megatron checkpoint."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / META_FILE).exists()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fingerprint(step_dir: Path) -> str:
+    """Changes whenever any file of the checkpoint is rewritten."""
+    h = hashlib.sha256(_sha256(step_dir / META_FILE).encode())
+    for f in sorted(p for p in Path(step_dir).rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(step_dir)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _config_strings(node) -> Iterable[str]:
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _config_strings(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            yield from _config_strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def find_tokenizer(meta: dict, explicit: Optional[Path], checkpoint: Path,
+                   required: bool) -> Optional[Path]:
+    """The run's ``tokenizer.model``: ``explicit`` (a file or a prep directory), else one in a
+    directory the stored config names (``data.dir``). Its sha256 must match the one the
+    checkpoint recorded, when it recorded one."""
+    recorded = _find_sha(meta)
+    if explicit is not None:
+        path = Path(explicit) / "tokenizer.model" if Path(explicit).is_dir() else Path(explicit)
+        if not path.is_file():
+            raise PostError(f"tokenizer {path}: does not exist")
+        candidates = [path]
+    else:
+        candidates = [Path(v) / "tokenizer.model" for v in _config_strings(meta.get("config"))
+                      if v and (Path(v) / "tokenizer.model").is_file()]
+    for path in candidates:
+        if recorded and _sha256(path) != recorded:
+            if explicit is not None:
+                raise PostError(f"tokenizer {path}: sha256 {_sha256(path)[:12]}… differs from "
+                                f"the {recorded[:12]}… checkpoint {checkpoint} was trained with")
+            continue
+        return path
+    if required:
+        where = ("no directory named in its stored config holds a tokenizer.model"
+                 + (f" with sha256 {recorded[:12]}…" if recorded else ""))
+        raise PostError(f"checkpoint {checkpoint}: its tokenizer is missing ({where}); pass "
+                        "--tokenizer PATH or --data PREP_DIR of the run's `sgtm prep` output")
+    return None
+
+
+def provenance(step_dir: Path, ablated: bool, tokenizer: Path) -> dict:
+    return {"checkpoint": str(Path(step_dir).resolve()), "fingerprint": fingerprint(step_dir),
+            "ablated": bool(ablated), "tokenizer_sha256": _sha256(tokenizer)}
+
+
+def default_dir(step_dir: Path, ablated: bool) -> Path:
+    step_dir = Path(step_dir).resolve()
+    return step_dir.with_name(step_dir.name + (".hf-ablated" if ablated else ".hf"))
+
+
+def reusable(hf_dir: Path, wanted: dict) -> bool:
+    """True if ``hf_dir`` is our export of exactly ``wanted``; False if absent or stale;
+    refuses a directory that is not an export made here."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.exists():
+        return False
+    try:
+        have = json.loads((hf_dir / EXPORT_FILE).read_text())
+    except (OSError, ValueError):
+        raise PostError(f"export directory {hf_dir}: exists but holds no {EXPORT_FILE} (not "
+                        "an export this command made); choose another --hf-dir") from None
+    return have == wanted
+
+
+def write_export(full: dict, core, hf_dir: Path, tokenizer: Path, wanted: dict) -> None:
+    """Export into a temp sibling, then swap it in for ``hf_dir`` (which may be a stale one)."""
+    from .export_hf import export_hf
+
+    hf_dir = Path(hf_dir)
+    tmp = hf_dir.with_name(f".{hf_dir.name}.tmp-{os.getpid()}")
+    old = hf_dir.with_name(f".{hf_dir.name}.old-{os.getpid()}")
+    try:
+        export_hf(full, core, tmp, tokenizer)
+        (tmp / EXPORT_FILE).write_text(json.dumps(wanted, indent=1, sort_keys=True) + "\n")
+        if hf_dir.exists():
+            hf_dir.rename(old)
+        tmp.rename(hf_dir)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
