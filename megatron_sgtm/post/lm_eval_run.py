@@ -272,3 +272,46 @@ def run(args, request: LmEvalRequest, manager, hf_dir: Path, prov: dict, tag: di
     for line in summary_lines(results):
         say(line)
     return rows(results, tag, path)
+
+
+# --- studies (`eval.lm_eval_tasks` in a study spec) -----------------------------------------
+
+def ensure_study_tasks(shards: Path, tasks_dir: Path, tasks: list[str], log) -> None:
+    """Build the local tasks of the study's held-out splits once (the default settings: the
+    same items for every study of that data; lm-eval cuts inputs longer than a model's
+    positions from the left), and check every name, before any run trains."""
+    import shutil
+
+    from ..configbase import ConfigError
+    from ..data import DataError
+    from .eval_tasks import TaskBuildConfig, build_tasks
+
+    try:
+        require_lm_eval()
+        if not (tasks_dir / "tasks.json").is_file():
+            tmp = tasks_dir.with_name(f".{tasks_dir.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            build_tasks(shards, tmp, tasks_dir, TaskBuildConfig())
+            tmp.rename(tasks_dir)
+            log(f"lm-eval tasks written to {tasks_dir}")
+        task_manager(LmEvalRequest(list(tasks), tasks_dir, None, 1))
+    except (PostError, DataError) as exc:
+        raise ConfigError([f"eval.lm_eval_tasks: {exc}"]) from None
+
+
+def score_model(model, tokenizer: Path, run_dir: Path, tasks: list[str], tasks_dir: Path,
+                limit: Optional[int], batch_size: int = 16) -> dict:
+    """Export a study run's model as it is evaluated (ablated where its method is) to
+    ``run_dir/hf``, run lm-eval, write ``run_dir/lm_eval.json``; flat metrics for its row."""
+    from .eval_export import write_export
+    from .layout import gather_full_params
+
+    hf_dir = Path(run_dir) / "hf"
+    write_export(gather_full_params(model), model.core, hf_dir, tokenizer,
+                 {"source": "study run", "run_dir": str(Path(run_dir).resolve())})
+    request = LmEvalRequest(list(tasks), tasks_dir, limit, batch_size)
+    results = evaluate_export(hf_dir, request, task_manager(request))
+    write_results(Path(run_dir) / "lm_eval.json", results, {"export": str(hf_dir)})
+    return {f"lm_eval/{r['lm_eval_task']}/{k}": v for r in rows(results, {}, hf_dir)
+            for k, v in r["metrics"].items() if not k.endswith("_stderr")}
