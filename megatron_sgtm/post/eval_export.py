@@ -86,7 +86,7 @@ def provenance(step_dir: Path, ablated: bool, tokenizer: Path) -> dict:
 
 
 def default_dir(step_dir: Path, ablated: bool) -> Path:
-    step_dir = Path(step_dir).resolve()
+    step_dir = Path(step_dir)
     return step_dir.with_name(step_dir.name + (".hf-ablated" if ablated else ".hf"))
 
 
