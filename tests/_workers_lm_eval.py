@@ -150,7 +150,9 @@ def world_lm_eval(rank, world, tmp, data, runs):
     meta_path.write_text(json.dumps(meta))
     out["notok"] = _cli(["eval", notok, "--lm-eval", "sgtm_forget_mc", "--tasks-dir", tmp / "tasks"])
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    out["hub"] = _cli(["eval", runs["sgtm"], "--lm-eval", "wmdp_bio", "--limit", 8])
+    # (With the local tasks too: the same lm-eval index as the unknown-name call, built once.)
+    out["hub"] = _cli(["eval", runs["sgtm"], "--lm-eval", "wmdp_bio", "--limit", 8,
+                       "--tasks-dir", tmp / "tasks"])
     return out
 
 

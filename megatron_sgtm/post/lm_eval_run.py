@@ -12,6 +12,7 @@ its losses has no place in a GPT-2/Llama checkpoint, so these accuracies are unc
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -70,21 +71,35 @@ def _check_data_files(tasks_dir: Path) -> None:
                                 "(was the task directory moved?); re-run `sgtm eval-tasks`")
 
 
+@functools.lru_cache(maxsize=8)
+def _manager(include: Optional[str], defaults: bool, _signature: tuple):
+    """lm-eval's index is built once per process for the same directories (a study worker
+    scores many runs); ``_signature`` (the YAML files and their mtimes) keys a changed
+    directory to a new index."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include, include_defaults=defaults)
+
+
+def _signature(tasks_dir: Optional[Path]) -> tuple:
+    if tasks_dir is None:
+        return ()
+    return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in Path(tasks_dir).glob("*.yaml")))
+
+
 def task_manager(request: LmEvalRequest):
     """An lm-eval TaskManager knowing every requested name, or one error naming the unknown.
     lm-eval's own index (~15k tasks, seconds to build) is read only when a name is not local."""
-    from lm_eval.tasks import TaskManager
-
     include = None
     if request.tasks_dir is not None:
         if not request.tasks_dir.is_dir():
             raise PostError(f"--tasks-dir {request.tasks_dir}: not a directory")
         _check_data_files(request.tasks_dir)
-        include = str(request.tasks_dir)
-        local = TaskManager(include_path=include, include_defaults=False)
+        include = str(Path(request.tasks_dir).resolve())
+        local = _manager(include, False, _signature(request.tasks_dir))
         if all(name in local.all_tasks for name in request.tasks):
             return local
-    manager = TaskManager(include_path=include)
+    manager = _manager(include, True, _signature(request.tasks_dir))
     unknown = [n for n in request.tasks if n not in manager.all_tasks]
     if unknown:
         hints = []
