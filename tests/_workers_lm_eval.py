@@ -129,11 +129,14 @@ def world_lm_eval(rank, world, tmp, data, runs):
             rows=[json.loads(l) for l in res.read_text().splitlines()],
             **_checks(step, Path(results["sgtm"]["export"]), name == "sgtm", data,
                       res.with_name(res.stem + ".lm_eval_samples.jsonl")))
-    # A second run reuses the export it made.
+    # A second run reuses the export it made ...
     export = Path(out["sgtm"]["provenance"]["export"])
     stamp = (export / "model.safetensors").stat().st_mtime_ns
-    out["again"] = _cli(["eval", runs["sgtm"], "--lm-eval", "sgtm_forget_mc", "--limit", 8,
-                         "--tasks-dir", tmp / "tasks"])
+    # ... also when our own losses run in the same call (one JSON-lines file for both).
+    out["again"] = _cli(["eval", runs["sgtm"], "--data", data, "--calibration-steps", 0,
+                         "--max-sequences", 8, "--lm-eval", "sgtm_forget_mc", "--limit", 8,
+                         "--tasks-dir", tmp / "tasks", "--out", tmp / "again.jsonl"])
+    out["again_rows"] = [json.loads(l) for l in (tmp / "again.jsonl").read_text().splitlines()]
     out["again_unchanged"] = (export / "model.safetensors").stat().st_mtime_ns == stamp
     # The export directory itself is a model lm-eval can be pointed at.
     out["given"] = _cli(["eval", export, "--lm-eval", "sgtm_retain_mc", "--limit", 8,
@@ -149,6 +152,19 @@ def world_lm_eval(rank, world, tmp, data, runs):
     meta["config"]["data"]["dir"] = str(tmp / "deleted_prep_output")
     meta_path.write_text(json.dumps(meta))
     out["notok"] = _cli(["eval", notok, "--lm-eval", "sgtm_forget_mc", "--tasks-dir", tmp / "tasks"])
+    # A relative data.dir is found from an ancestor of the checkpoint (where training ran).
+    from megatron_sgtm import checkpoint as ck
+    from megatron_sgtm.post.eval_export import find_tokenizer
+
+    (tmp / "elsewhere" / "runs").mkdir(parents=True)
+    (tmp / "elsewhere" / "runs" / "shards").symlink_to(data)
+    shutil.copytree(runs["no_filter"], tmp / "elsewhere" / "runs" / "ckpt")
+    (rel_meta,) = (tmp / "elsewhere" / "runs" / "ckpt").glob("step_*/sgtm_meta.json")
+    meta = json.loads(rel_meta.read_text())
+    meta["config"]["data"]["dir"] = "runs/shards"
+    rel_meta.write_text(json.dumps(meta))
+    found = find_tokenizer(ck.read_metadata(rel_meta.parent), None, rel_meta.parent, True)
+    out["relative_tokenizer"] = str(found.resolve()) == str((data / "tokenizer.model").resolve())
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     # (With the local tasks too: the same lm-eval index as the unknown-name call, built once.)
     out["hub"] = _cli(["eval", runs["sgtm"], "--lm-eval", "wmdp_bio", "--limit", 8,

@@ -85,9 +85,13 @@ def test_ablation_removes_forget_domain_likelihood_selectively(runs):
 
 
 def test_a_second_run_reuses_the_export_and_an_export_dir_is_accepted(runs):
+    """The second run also computes `sgtm eval`'s own losses in the same call."""
     code, printed, err = runs["again"]
     assert code == 0, err[-2000:]
     assert "(reused; uncalibrated)" in printed and runs["again_unchanged"]
+    rows = runs["again_rows"]  # our losses and lm-eval's accuracy, one file
+    assert {r["split"] for r in rows if "split" in r} == {"forget", "retain"}
+    assert [r["lm_eval_task"] for r in rows if "lm_eval_task" in r] == ["sgtm_forget_mc"]
     code, printed, err = runs["given"]
     assert code == 0, err[-2000:]
     assert "(given; uncalibrated)" in printed and "lm-eval sgtm_retain_mc: acc" in printed
@@ -101,6 +105,7 @@ def test_unknown_task_missing_tokenizer_and_offline_hub_task_give_one_error(runs
         code, _, err = runs[case]
         errors = _errors(runs[case])
         assert code == 2 and len(errors) == 1 and message in errors[0], err[-2000:]
+    assert runs["relative_tokenizer"]
     # The hub task name reached lm-eval unchanged: it tried wmdp_bio's dataset.
     assert "cais/wmdp" in _errors(runs["hub"])[0]
 

@@ -63,8 +63,13 @@ def find_tokenizer(meta: dict, explicit: Optional[Path], checkpoint: Path,
             raise PostError(f"tokenizer {path}: does not exist")
         candidates = [path]
     else:
-        candidates = [Path(v) / "tokenizer.model" for v in _config_strings(meta.get("config"))
-                      if v and (Path(v) / "tokenizer.model").is_file()]
+        # A relative data.dir was relative to where training ran: here, or an ancestor of
+        # the checkpoint (runs/shards/... next to runs/ckpt/...). The sha256 check below keeps
+        # a same-named directory of another run from being taken.
+        bases = [Path()] + list(Path(checkpoint).resolve().parents)
+        candidates = [base / v / "tokenizer.model" for v in _config_strings(meta.get("config"))
+                      for base in (bases if v and not Path(v).is_absolute() else [Path()])
+                      if v and (base / v / "tokenizer.model").is_file()]
     for path in candidates:
         if recorded and _sha256(path) != recorded:
             if explicit is not None:
