@@ -64,10 +64,7 @@ def _main(args) -> int:
         raise PostError("--data is required (the `sgtm prep` output to evaluate on), "
                         "unless --lm-eval is given")
     tp = start(args.tp)
-    if args.data is None or (lm is not None and is_hf_dir(args.checkpoint)):
-        if args.data is not None:
-            raise PostError(f"{args.checkpoint}: a Hugging Face directory; --data losses need "
-                            "the megatron checkpoint")
+    if args.data is None:  # lm-eval only: the model is loaded only if it must be exported
         ablate = _ablate(args, None, tp)
         rows = _lm_eval_rows(args, lm, ablate, {"checkpoint": str(args.checkpoint),
                                                 "ablated": ablate}, tp=tp)

@@ -1,10 +1,11 @@
 """The Hugging Face export an lm-eval run reads: written from a checkpoint, or reused.
 
-An export made here carries ``sgtm_export.json``: the checkpoint directory, a fingerprint of
-its files (names, sizes, mtimes and the metadata's sha256), whether theta_forget was zeroed,
+An export made here carries ``sgtm_eval_source.json``: the checkpoint directory, a fingerprint
+of its files (names, sizes, mtimes and the metadata's sha256), whether theta_forget was zeroed,
 and the tokenizer's sha256. A later run with the same checkpoint and ablation reuses it; a
 changed checkpoint replaces it (atomically: written beside, then swapped in); a directory
-without that file is never overwritten.
+without that file is never overwritten. Like every export, it also gets ``hf_import``'s
+``sgtm_export.json`` record (config and sha256 of each file), so the other commands load it.
 """
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from typing import Iterable, Optional
 
 from .ckpt_io import PostError, _find_sha
 
-EXPORT_FILE = "sgtm_export.json"
+SOURCE_FILE = "sgtm_eval_source.json"
 META_FILE = "sgtm_meta.json"
 
 
 def is_hf_dir(path: Path) -> bool:
     """A transformers model directory (an export) rather than a megatron checkpoint."""
-    path = Path(path)
-    return (path / "config.json").is_file() and not (path / META_FILE).exists()
+    from .hf_import import is_hf_export
+
+    return is_hf_export(path)
 
 
 def _sha256(path: Path) -> str:
@@ -102,23 +104,26 @@ def reusable(hf_dir: Path, wanted: dict) -> bool:
     if not hf_dir.exists():
         return False
     try:
-        have = json.loads((hf_dir / EXPORT_FILE).read_text())
+        have = json.loads((hf_dir / SOURCE_FILE).read_text())
     except (OSError, ValueError):
-        raise PostError(f"export directory {hf_dir}: exists but holds no {EXPORT_FILE} (not "
+        raise PostError(f"export directory {hf_dir}: exists but holds no {SOURCE_FILE} (not "
                         "an export this command made); choose another --hf-dir") from None
     return have == wanted
 
 
-def write_export(full: dict, core, hf_dir: Path, tokenizer: Path, wanted: dict) -> None:
+def write_export(full: dict, core, hf_dir: Path, tokenizer: Path, wanted: dict,
+                 meta: dict) -> None:
     """Export into a temp sibling, then swap it in for ``hf_dir`` (which may be a stale one)."""
     from .export_hf import export_hf
+    from .hf_import import write_record
 
     hf_dir = Path(hf_dir)
     tmp = hf_dir.with_name(f".{hf_dir.name}.tmp-{os.getpid()}")
     old = hf_dir.with_name(f".{hf_dir.name}.old-{os.getpid()}")
     try:
         export_hf(full, core, tmp, tokenizer)
-        (tmp / EXPORT_FILE).write_text(json.dumps(wanted, indent=1, sort_keys=True) + "\n")
+        (tmp / SOURCE_FILE).write_text(json.dumps(wanted, indent=1, sort_keys=True) + "\n")
+        write_record(tmp, core, meta)  # last: it hashes every other file
         if hf_dir.exists():
             hf_dir.rename(old)
         tmp.rename(hf_dir)

@@ -261,12 +261,12 @@ def prepare_export(args, ablate: bool, model=None, core=None, meta=None, tp: int
     reuse = _decide_on_rank0(reusable(hf_dir, wanted) if is_rank0() else None)
     if not reuse:
         if model is None:
-            model, core, _ = ckpt_io.load(step_dir, tp)
+            model, core, meta = ckpt_io.load(step_dir, tp, args.trust_checkpoint)
             if ablate:
                 zero_forget_(model)
         full = gather_full_params(model)
         if is_rank0():
-            write_export(full, core, hf_dir, tokenizer, wanted)
+            write_export(full, core, hf_dir, tokenizer, wanted, meta)
         if dist.is_initialized():
             dist.barrier()
     return hf_dir, dict(wanted, export=str(Path(hf_dir).resolve()),
@@ -324,7 +324,8 @@ def score_model(model, tokenizer: Path, run_dir: Path, tasks: list[str], tasks_d
 
     hf_dir = Path(run_dir) / "hf"
     write_export(gather_full_params(model), model.core, hf_dir, tokenizer,
-                 {"source": "study run", "run_dir": str(Path(run_dir).resolve())})
+                 {"source": "study run", "run_dir": str(Path(run_dir).resolve())},
+                 {"step": 0, "extra": {}})
     request = LmEvalRequest(list(tasks), tasks_dir, limit, batch_size)
     results = evaluate_export(hf_dir, request, task_manager(request))
     write_results(Path(run_dir) / "lm_eval.json", results, {"export": str(hf_dir)})
