@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from data_prep.cli import main as prep_main
-from data_prep.corpus import load_corpus, split_corpus
+from data_prep.corpus import load_corpus
+from data_prep.documents import DOMAIN_NAMES
+from data_prep.plan import make_plan
+from data_prep.sample import read_sample
 from data_prep.recipe import TokenizerConfig, recipe_from_dict
 from data_prep.tokenizer import train_tokenizer
 from megatron_sgtm.post import hf_tokenizer
@@ -30,9 +33,11 @@ def corpus(tmp_path_factory):
                       *PREP]) == 0
     manifest = json.loads((shards / "manifest.json").read_text())
     recipe = recipe_from_dict(manifest["recipe"])
-    splits = split_corpus(load_corpus(recipe), recipe)
-    held_out = {s: splits[s].texts[:50] for s in ("test_forget", "test_retain")}
-    bpe = train_tokenizer(splits["train"].texts, TokenizerConfig(
+    # The held-out documents exactly as prep chose them (its global sample stage).
+    _caps, sample, chosen = read_sample(recipe, make_plan(recipe))
+    held_out = {f"test_{DOMAIN_NAMES[d]}": [sample.docs[i].text for i in idx[:50]]
+                for d, idx in chosen.items() if DOMAIN_NAMES[d] in ("forget", "retain")}
+    bpe = train_tokenizer(load_corpus(recipe).texts, TokenizerConfig(
         kind="bpe", vocab_size=1500, max_train_bytes=300000))
     (root / "bpe.model").write_bytes(bpe.model_bytes)
     # The test fixtures' small model has no byte fallback: unknown characters become <unk>.
