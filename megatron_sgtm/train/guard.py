@@ -5,10 +5,12 @@
 - the hang watchdog (``watchdog.py``).
 
 The loop calls ``beat`` where it makes progress, ``should_stop`` after every step and
-``before_save`` before every checkpoint; both of the latter are collective.
+saves inside ``saving``; both of the latter are collective.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -101,10 +103,23 @@ class RunGuard:
             self.stop_signal = signum
         return signum is not None
 
-    def before_save(self, step: int) -> None:
-        """Collective: refuse to save if another run has taken the directory over."""
+    @contextlib.contextmanager
+    def saving(self, step: int):
+        """Around a checkpoint save (collective): refuse it if another run has taken the
+        directory over; hold preempt signals until it is written (they stop the run after
+        the save anyway). Processes the save starts (megatron's writer manager) inherit the
+        blocked signals, so a signal sent to every process of a job cannot kill them mid-save."""
         self._agree(step, force=True)
         self.beat(step, "saving a checkpoint")
+        held = set(self.stop.signals) if self.stop is not None else set()
+        if held:
+            signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            yield
+        finally:
+            if held:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+            self.beat(step, "saved a checkpoint")
 
     @property
     def stop_signal_name(self) -> Optional[str]:

@@ -121,14 +121,11 @@ class _Stopper:
         workers = _worker_pids()
         os.write(2, f"sgtm train: got {name}; {len(workers)} worker(s) finish their step and "
                     f"save (waiting up to {self.grace_s:g} s)\n".encode())
-        for pid in workers:
+        for pid in workers:  # the workers only: their helper processes are theirs to stop
             try:
-                os.killpg(pid, signum)  # torchrun starts each worker in its own session
-            except (ProcessLookupError, PermissionError):
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + self.grace_s
         pending = set(workers)
         while pending and time.monotonic() < deadline:

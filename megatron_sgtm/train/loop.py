@@ -171,11 +171,11 @@ def train(cfg: ExperimentConfig, guard: Optional[RunGuard] = None) -> TrainResul
                 if eval_out:
                     sink.log({"step": step, **eval_out})
             if save_now and cfg.checkpoint.dir:
-                guard.before_save(step)
-                io.save(cfg, step, engine, {
-                    "step": step, "tokens_seen": tokens_seen, "data": batches.state_dict(),
-                    "counters": counters.state_dict(), "manifest": io.manifest_summary(manifest),
-                    "metrics": {"loss": last_loss, "eval": eval_out}})
+                with guard.saving(step):
+                    io.save(cfg, step, engine, {
+                        "step": step, "tokens_seen": tokens_seen, "data": batches.state_dict(),
+                        "counters": counters.state_dict(), "manifest": io.manifest_summary(manifest),
+                        "metrics": {"loss": last_loss, "eval": eval_out}})
             if stop:
                 break
     finally:

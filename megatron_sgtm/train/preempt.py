@@ -32,6 +32,7 @@ class StopRequest:
 
     def __init__(self, signals: list[int], check_every: int, rank: int) -> None:
         self.signum: Optional[int] = None
+        self.signals = list(signals)
         self.check_every = check_every
         self.rank = rank
         self._previous: dict[int, object] = {}

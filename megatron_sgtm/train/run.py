@@ -33,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: end with it (parentdeath.py)
-        from .parentdeath import die_with_parent
+        from .parentdeath import die_with_parent, helpers_die_with_me
 
         die_with_parent()
+        helpers_die_with_me()
     try:
         cfg = load_experiment(args.config, args.overrides)
     except ConfigError as exc:

@@ -1,7 +1,8 @@
 """The hang watchdog: a rank that makes no progress for too long ends the job.
 
 The loop reports progress (``beat``) at every step and around evaluation and checkpoint saves.
-A daemon thread checks the time since the last beat; past ``resilience.hang_timeout_s`` it
+A daemon thread checks the time since the last beat (from the first one on: start-up, where
+the process-group and rendezvous timeouts apply, is not watched); past ``resilience.hang_timeout_s`` it
 prints one ``error:`` line naming the rank, host, step and what the rank was doing, and ends
 the process with status 4 (``os._exit``: the main thread is stuck, so nothing else can run).
 torchrun then stops the other ranks, whose own watchdogs would fire too: they wait in a
@@ -40,6 +41,7 @@ class Watchdog:
         self.before_exit = before_exit  # e.g. release the checkpoint.dir lock
         self._last = time.monotonic()
         self._where = "starting"
+        self._armed = False  # from the first beat: start-up and compiling are not watched
         self._stop = threading.Event()
         self._hang = _fault_hang()
         self._step_sleep = float(os.environ.get("SGTM_FAULT_STEP_SLEEP", "0") or 0)
@@ -53,6 +55,7 @@ class Watchdog:
         """Progress: this rank is at ``step`` (steps done so far), about to do ``doing``."""
         self._last = time.monotonic()
         self._where = f"step {step}, {doing}"
+        self._armed = True
         if doing == "training":
             if self._hang == (self.rank, step):
                 self._where = f"step {step}, sleeping (SGTM_FAULT_HANG)"
@@ -65,7 +68,7 @@ class Watchdog:
         period = min(1.0, self.timeout_s / 10)
         while not self._stop.wait(period):
             idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
+            if self._armed and idle > self.timeout_s:
                 sys.stderr.write(
                     f"error: rank {self.rank} (host {socket.gethostname()}, PID {os.getpid()}) "
                     f"made no progress for {idle:.0f} s (resilience.hang_timeout_s="
