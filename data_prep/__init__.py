@@ -1,7 +1,9 @@
 """Corpus preparation for SGTM: raw text -> token shards + per-token label sidecars.
 
-Entry points: :func:`data_prep.pipeline.prepare`, :func:`data_prep.relabel.relabel`,
-and the ``sgtm prep`` command (:mod:`data_prep.cli`).
+Sharded and streaming (plan -> global sample stage -> one map task per shard -> reduce), in
+bounded memory, resumable and byte-identical for any executor. Entry points:
+:func:`data_prep.pipeline.prepare`, :func:`data_prep.relabel.relabel`,
+:func:`data_prep.merge.merge_directory` and the ``sgtm prep`` command (:mod:`data_prep.cli`).
 """
 from data_prep.errors import PrepError
 

@@ -1,7 +1,9 @@
 """The label-noise policy: classifier flags + seeded, injected noise -> applied labels.
 
 Applied label codes (the per-token sidecar): 0 = unlabeled, 1 = retain (masked retain
-path), 2 = forget.
+path), 2 = forget. The policy acts on *units*: documents, or at paragraph granularity
+(``classifier.granularity: paragraph``) paragraph spans, each with its own truth and score;
+read "document" below as "unit".
 
 Semantics, in order:
 
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.corpus import ADJACENT, FORGET, RETAIN
+from data_prep.documents import ADJACENT, FORGET, RETAIN
 from data_prep.recipe import NoiseConfig
 
 UNLABELED, RETAIN_LABEL, FORGET_LABEL = 0, 1, 2

@@ -1,195 +1,193 @@
-"""Recipe -> shard directory: read, split, tokenize + classify (multiprocess), label, write."""
+"""Recipe -> shard directory as plan, global stage, map, reduce; and the local executor.
+
+    plan    the input cut into shards (data_prep.plan); refuses a directory holding another corpus
+    global  sample -> held-out split, tokenizer, topic classifier (data_prep.sample)
+    map     one task per shard: classify, tokenize, write, mark complete (data_prep.task)
+    reduce  verify every shard, noise policy, labels, manifest (data_prep.reduce)
+
+Every stage skips what a previous run finished, so a killed run is continued by running the
+same command again; the result is byte-identical to an uninterrupted run, whatever the
+executor or worker count. The SLURM executor (data_prep.slurm) runs the same map tasks as
+array tasks.
+"""
 from __future__ import annotations
 
-import dataclasses
-import itertools
+import hashlib
+import json
 import multiprocessing as mp
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
-import numpy as np
+from data_prep import shards
+from data_prep.errors import PrepError
+from data_prep.manifest import check_state, clear, write_plan
+from data_prep.plan import ShardSpec, input_stamps, make_plan, plan_to_json
+from data_prep.recipe import Recipe
+from data_prep.reduce import check_marker, label_and_manifest, read_marker
+from data_prep.sample import GLOBAL_MARKER, GlobalState, load_global, read_sample, run_global
+from data_prep.task import run_shard
 
-from data_prep import classifiers, shards
-from data_prep.corpus import FORGET, Split, load_corpus, split_corpus
-from data_prep.manifest import FORMAT_VERSION, check_output_dir, dumps, split_stats
-from data_prep.noise import apply_policy
-from data_prep.recipe import ClassifierConfig, Recipe
-from data_prep.tokenizer import TokenizerInfo, load_tokenizer, train_tokenizer
-
-CHUNK_DOCS = 256
-SEED_FILE = "train_classifier_seed.npy"
-
-_worker: dict = {}
+Log = Callable[[str], None]
+_pool_ctx: dict = {}
 
 
-def _init_worker(lang_cfg: Optional[ClassifierConfig]) -> None:
-    _worker["lang"] = classifiers.LanguageScorer(lang_cfg) if lang_cfg else None
-    _worker["sp_key"] = _worker["sp"] = None
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def _process(task: tuple[str, bytes, int, list[str]]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """Tokenize a chunk (batch encode) and, for the language classifier, score it too:
-    both are CPU-bound, so they share the same worker pass over the text."""
-    key, model_bytes, eod, texts = task
-    if _worker["sp_key"] != key:
-        import sentencepiece as spm
-
-        _worker["sp"] = spm.SentencePieceProcessor(model_proto=model_bytes)
-        _worker["sp_key"] = key
-    ids = _worker["sp"].encode(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(x + [eod] for x in ids),
-                       dtype=np.int32, count=int(lengths.sum()))
-    scores = _worker["lang"].score(texts) if _worker["lang"] else None
-    return flat, lengths, scores
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """The recipe without its noise policy (relabelling changes that) and without settings
+    that cannot change the output (chunk size)."""
+    d = recipe.to_dict()
+    d.pop("noise")
+    d["sharding"].pop("chunk_docs")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-class Encoder:
-    """The worker pool for tokenization + language scoring.
-
-    The language model is loaded in the parent before forking, so workers share it
-    instead of each unpacking it. The tokenizer travels with each chunk and is cached
-    per worker (it is only known after training). ``start`` queues all chunks and
-    returns at once, so the parent can fit the topic classifier while workers encode.
-    """
-
-    def __init__(self, lang_cfg: Optional[ClassifierConfig], workers: int, progress: bool):
-        self.lang_cfg, self.progress = lang_cfg, progress
-        _init_worker(lang_cfg)
-        # fork: workers inherit the loaded modules; nothing CUDA is ever initialised here.
-        self.pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
-        self._pending = None
-
-    def __enter__(self) -> "Encoder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-    def start(self, texts: list[str], tok: TokenizerInfo) -> None:
-        chunks = [texts[i:i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
-        tasks = [(tok.sha256, tok.model_bytes, tok.eod_id, c) for c in chunks]
-        # imap keeps order, so output never depends on worker timing.
-        it = self.pool.imap(_process, tasks) if self.pool is not None else map(_process, tasks)
-        self._pending = (chunks, it)
-
-    def collect(self):
-        from tqdm import tqdm
-
-        chunks, it = self._pending
-        bar = tqdm(total=sum(len(t.encode("utf-8")) for c in chunks for t in c), unit="B",
-                   unit_scale=True, desc="tokenize+classify", disable=not self.progress, file=sys.stderr)
-        results = []
-        with bar:
-            for chunk, res in zip(chunks, it):
-                results.append(res)
-                bar.update(sum(len(t.encode("utf-8")) for t in chunk))
-        if not results:
-            return np.zeros(0, np.int32), np.zeros(0, np.int64), None
-        flat = np.concatenate([r[0] for r in results])
-        lengths = np.concatenate([r[1] for r in results])
-        scores = np.concatenate([r[2] for r in results]) if self.lang_cfg else None
-        return flat, lengths, scores
+def plan_state(recipe: Recipe) -> tuple[list[ShardSpec], str, dict]:
+    """The shard plan, its JSON text, and the stamps of every input (a given tokenizer too)."""
+    plan = make_plan(recipe)
+    extra = [recipe.tokenizer.model] if recipe.tokenizer.model else []
+    return plan, plan_to_json(plan, recipe_fingerprint(recipe), recipe.name), input_stamps(plan, extra)
 
 
-def _classify(recipe: Recipe, splits: dict[str, Split], lang_scores: Optional[np.ndarray]):
-    """Per-split forget scores, plus the train docs reserved to fit the classifier."""
-    cfg = recipe.classifier
-    train = splits["train"]
-    seed = np.zeros(len(train.texts), dtype=bool)
-    if cfg.kind == "language":
-        out, start = {}, 0
-        for name, sp in splits.items():
-            out[name] = lang_scores[start:start + len(sp.texts)]
-            start += len(sp.texts)
-        return out, seed
-    if cfg.kind == "oracle":
-        return {name: classifiers.oracle_scores(sp.truth) for name, sp in splits.items()}, seed
-    seed = classifiers.seed_mask(len(train.texts), cfg)
-    scorer = classifiers.TopicScorer(cfg).fit([t for t, s in zip(train.texts, seed) if s],
-                                              train.truth[seed] == FORGET)
-    return {name: scorer.score(sp.texts) for name, sp in splits.items()}, seed
+def open_plan(recipe: Recipe, out: Path, force: bool, log: Log) -> tuple[list[ShardSpec], GlobalState]:
+    """The plan and a finished global stage: reused when the directory holds this corpus,
+    otherwise built (after every read it needs succeeded, so bad input leaves ``out`` as it was)."""
+    out = Path(out)
+    plan, plan_text, stamps = plan_state(recipe)
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"output {out}: exists and is not a directory")
+    # --force starts afresh, but clears the old output only after every read succeeded.
+    resume = False if force else check_state(out, plan_text, stamps)
+    if resume and (out / shards.STATE / GLOBAL_MARKER).is_file():
+        return plan, load_global(out, plan)
+    caps, sample, heldout = read_sample(recipe, plan)
+    if force:
+        clear(out)
+    shards.remove_manifest(out)
+    write_plan(out, plan_text, stamps)
+    run_global(recipe, out, plan, caps, sample, heldout, log)
+    return plan, load_global(out, plan)
+
+
+def _pool_task(index: int) -> dict:
+    recipe, out, plan, state = _pool_ctx["args"]
+    return run_shard(recipe, out, plan[index], state)
+
+
+def run_map(recipe: Recipe, out: Path, plan: list[ShardSpec], pending: list[ShardSpec],
+            state: GlobalState, workers: int, progress: bool, log: Log) -> dict[int, dict]:
+    """Run the pending shards, here or in ``workers`` forked processes (one shard each)."""
+    from tqdm import tqdm
+
+    done: dict[int, dict] = {}
+    bar = tqdm(total=sum(s.size for s in pending), unit="B", unit_scale=True, desc="prep map",
+               disable=not progress, file=sys.stderr)
+    with bar:
+        if workers <= 1 or len(pending) <= 1:
+            for s in pending:
+                done[s.index] = run_shard(recipe, out, s, state)
+                bar.update(s.size)
+            return done
+        from data_prep.task import encoder_for
+
+        encoder_for(recipe, out, state)  # load once in the parent; forked workers share it
+        _pool_ctx["args"] = (recipe, out, plan, state)
+        # fork: workers share the parent's loaded language model instead of copying it.
+        pool = mp.get_context("fork").Pool(min(workers, len(pending)))
+        try:
+            # Largest shards first keeps the workers busy to the end; output does not depend
+            # on the order (each shard writes only its own files).
+            order = sorted(pending, key=lambda s: (-s.size, s.index))
+            for marker in pool.imap_unordered(_pool_task, [s.index for s in order]):
+                done[marker["shard"]] = marker
+                bar.update(plan[marker["shard"]].size)
+        finally:
+            pool.terminate()  # after an error: the other shards stop, unmarked
+            pool.join()
+            _pool_ctx.clear()
+            for s in pending:  # scratch of the workers just stopped
+                shards.clear_stale_staging(out, s.name)
+    return done
+
+
+def shard_status(recipe: Recipe, out: Path, plan: list[ShardSpec]) -> tuple[dict[int, dict], list[ShardSpec]]:
+    """Finished shards (marker present and its files the right size) and the pending ones."""
+    finished, pending = {}, []
+    for s in plan:
+        m = read_marker(out, s, recipe)
+        if m is None:
+            pending.append(s)
+        else:
+            check_marker(out, s, recipe, m, full=False)
+            finished[s.index] = m
+    return finished, pending
+
+
+def reduce_stage(recipe: Recipe, out: Path, plan: list[ShardSpec], log: Log) -> dict:
+    finished, pending = shard_status(recipe, out, plan)
+    if pending:
+        names = ", ".join(str(s.index) for s in pending[:10]) + (" ..." if len(pending) > 10 else "")
+        raise PrepError(f"{out}: {len(pending)} of {len(plan)} shards have not finished (shards {names}); "
+                        "rerun the map (the same sgtm prep command) first")
+    for s in plan:
+        check_marker(out, s, recipe, finished[s.index], full=True)
+    return label_and_manifest(recipe, out, plan, finished, log)
 
 
 def prepare(recipe: Recipe, out: str | Path, force: bool = False, workers: int = 2,
-            progress: bool = True, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
-    """Build the shard directory ``out`` from ``recipe``; returns the manifest."""
+            progress: bool = True, log: Log = _stderr) -> dict:
+    """Build (or continue building) the shard directory ``out``; returns the manifest."""
     out = Path(out)
-    lang_cfg = recipe.classifier if recipe.classifier.kind == "language" else None
-    with Encoder(lang_cfg, workers, progress) as encoder:
-        corpus = load_corpus(recipe)
-        given_tok = load_tokenizer(recipe.tokenizer.model) if recipe.tokenizer.model else None
-        fingerprint = recipe.corpus_fingerprint({
-            "sources": [s.to_dict() for s in corpus.sources],
-            "tokenizer_sha256": given_tok.sha256 if given_tok else None})
-        existing = check_output_dir(out, fingerprint, force)
-        splits = split_corpus(corpus, recipe)
-        log(f"prep: {len(corpus.texts)} documents; " +
-            ", ".join(f"{n} {len(s.texts)}" for n, s in splits.items()))
-        tok = given_tok or train_tokenizer(splits["train"].texts, recipe.tokenizer)
-        all_texts = [t for s in splits.values() for t in s.texts]
-        encoder.start(all_texts, tok)
-        if lang_cfg is None:
-            scores, seed = _classify(recipe, splits, None)
-        flat, lengths, lang_scores = encoder.collect()
-    if lang_cfg is not None:
-        scores, seed = _classify(recipe, splits, lang_scores)
+    plan, state = open_plan(recipe, out, force, log)
+    finished, pending = shard_status(recipe, out, plan)
+    if pending:
+        shards.remove_manifest(out)
+        log(f"prep: {len(pending)} of {len(plan)} shards to process"
+            + (f" ({len(finished)} already finished)" if finished else ""))
+        run_map(recipe, out, plan, pending, state, workers, progress, log)
+    return reduce_stage(recipe, out, plan, log)
 
-    train = splits["train"]
-    ntrain = len(train.texts)
-    threshold = recipe.classifier.threshold
-    metrics = classifiers.measure(scores["train"], train.truth, threshold, ~seed)
-    result = apply_policy(train.truth, scores["train"], lengths[:ntrain], threshold, recipe.noise)
-    log(f"prep: classifier {recipe.classifier.kind}: precision {metrics['precision']:.4f} "
-        f"recall {metrics['recall']:.4f} f1 {metrics['f1']:.4f} on {metrics['evaluated_docs']} train docs")
 
-    dtype = tok.token_dtype
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "corpus_fingerprint": fingerprint,
-        "recipe": recipe.to_dict(),
-        "tokenizer": tok.to_manifest(),
-        "token_dtype": np.dtype(dtype).name,
-        "sources": [s.to_dict() for s in corpus.sources],
-        "corpus": {"uncategorized_docs": corpus.uncategorized_docs, "dropped_docs": corpus.dropped_docs,
-                   "skipped_empty_docs": corpus.skipped_empty,
-                   "uncategorized_policy": recipe.topics.uncategorized_policy},
-        "noise_policy": {**dataclasses.asdict(recipe.noise), "threshold": threshold},
-        "realised": result.report,
-        "classifier": {"kind": recipe.classifier.kind, **metrics,
-                       "evaluated_on": ("train docs outside the classifier's seed split" if seed.any()
-                                        else "all train docs")},
-        "splits": {}, "label_sidecar_sha256": {}, "tokens_sha256": {},
-    }
-    with shards.staging(out) as tmp:
-        (tmp / "tokenizer.model").write_bytes(tok.model_bytes)
-        names = ["tokenizer.model", SEED_FILE]
-        np.save(tmp / SEED_FILE, seed.astype(np.uint8), allow_pickle=False)
-        doc_start = tok_start = 0
-        for name, sp in splits.items():
-            n = len(sp.texts)
-            lens = lengths[doc_start:doc_start + n]
-            ntok = int(lens.sum())
-            labels = result.labels if name == "train" else np.zeros(n, dtype=np.uint8)
-            shards.write_tokens(tmp, name, flat[tok_start:tok_start + ntok], lens, dtype)
-            shards.write_labels(tmp, name, labels, lens)
-            shards.write_doc_arrays(tmp, name, sp.truth, scores[name])
-            manifest["splits"][name] = split_stats(sp.truth, labels, lens)
-            manifest["tokens_sha256"][name] = shards.sha256_files(
-                [tmp / f"{name}_tokens.bin", tmp / f"{name}_tokens.idx"])
-            manifest["label_sidecar_sha256"][name] = shards.sha256_files(
-                [tmp / f"{name}_labels.bin", tmp / f"{name}_labels.idx"])
-            names += shards.split_files(name)
-            doc_start += n
-            tok_start += ntok
-        (tmp / "manifest.json").write_text(dumps(manifest), encoding="utf-8")
-        stale = [f for f in shards.all_known_files() if f not in names] if existing or force else []
-        shards.publish(tmp, out, names + ["manifest.json"], remove=stale)
-    r = result.report
-    log(f"prep: wrote {out}: {sum(s['num_tokens'] for s in manifest['splits'].values())} tokens; "
-        f"realised undiscovered {r['undiscovered_rate']:.4f}, false positives {r['false_positive_rate']:.4f} "
-        f"({r['false_positive_pool']} pool), retain-mode share {r['retain_mode_share']:.4f}")
-    return manifest
+def run_task(recipe: Recipe, out: str | Path, task_index: int, shards_per_task: int,
+             log: Log = _stderr) -> list[int]:
+    """One SLURM array task: the shards ``[i*k, (i+1)*k)`` not finished yet."""
+    out = Path(out)
+    plan, plan_text, stamps = plan_state(recipe)
+    if not check_state(out, plan_text, stamps):
+        raise PrepError(f"{out}: no shard plan for this recipe; run the global stage first "
+                        "(sgtm prep --executor slurm does)")
+    state = load_global(out, plan)
+    mine = plan[task_index * shards_per_task:(task_index + 1) * shards_per_task]
+    if not mine:
+        raise PrepError(f"--task-index {task_index}: the plan has {len(plan)} shards, "
+                        f"{-(-len(plan) // shards_per_task)} tasks of {shards_per_task}")
+    _, pending = shard_status(recipe, out, mine)
+    for s in pending:
+        m = run_shard(recipe, out, s, state)
+        log(f"prep: shard {s.index}: {m['num_docs']} documents, {m['num_tokens']} tokens "
+            f"in {m['seconds']:.1f} s")
+    return [s.index for s in pending]
+
+
+def reduce_only(recipe: Recipe, out: str | Path, log: Log = _stderr) -> dict:
+    out = Path(out)
+    plan, plan_text, stamps = plan_state(recipe)
+    if not check_state(out, plan_text, stamps):
+        raise PrepError(f"{out}: no shard plan for this recipe; nothing to reduce")
+    load_global(out, plan)
+    return reduce_stage(recipe, out, plan, log)
+
+
+def global_only(recipe: Recipe, out: str | Path, force: bool, log: Log = _stderr) -> list[ShardSpec]:
+    plan, _ = open_plan(recipe, Path(out), force, log)
+    return plan
+
+
+def default_shards_per_task(n_shards: int, max_tasks: int) -> int:
+    return max(1, -(-n_shards // max_tasks))
+
+
+__all__ = ["prepare", "run_task", "reduce_only", "global_only"]

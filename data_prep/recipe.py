@@ -7,8 +7,6 @@ in one round instead of one key at a time.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +16,7 @@ import yaml
 from data_prep.errors import PrepError
 from megatron_sgtm.configbase import ConfigError, config_from_dict
 
-SOURCE_KINDS = ("wiki_offline", "jsonl", "parquet", "txt", "hf", "bible")
+SOURCE_KINDS = ("wiki_offline", "wiki_mixed", "jsonl", "parquet", "txt", "hf", "bible")
 DOMAINS = ("retain", "forget", "adjacent", "topic")
 
 
@@ -47,6 +45,13 @@ class SourceConfig:
     # txt: documents are separated by this string (default: blank line).
     separator: str = "\n\n"
     max_docs: Optional[int] = None
+    # Paragraph truth: a record field holding one domain (retain/forget/adjacent) per
+    # paragraph, in the order ``classifier.granularity: paragraph`` splits the text.
+    paragraph_domains_field: Optional[str] = None
+    # hf: the dataset is read as this many ``Dataset.shard(num_shards, index)`` pieces.
+    num_shards: int = 1
+    # wiki_mixed: seed of the mixed-language documents built from the embedded leads.
+    mix_seed: int = 0
 
 
 @dataclass
@@ -91,6 +96,11 @@ class ClassifierConfig:
     max_chars: int = 300
     seed_fraction: float = 0.2
     seed: int = 0
+    # document: one score and label per document; paragraph: the text is split on blank
+    # lines and each paragraph is scored and labelled (per-token labels in the sidecar).
+    granularity: str = "document"
+    # Paragraphs shorter than this take their document's score (too short to classify).
+    min_paragraph_chars: int = 80
 
 
 @dataclass
@@ -105,6 +115,18 @@ class NoiseConfig:
 
 
 @dataclass
+class ShardingConfig:
+    # Large jsonl files are cut into byte ranges of about this size (parquet: row
+    # groups); each range is one map task with bounded memory.
+    target_bytes: int = 64_000_000
+    # Corpus-wide steps (held-out split, tokenizer, topic classifier) read at most this
+    # many bytes of text, taken from the start of every shard in proportion to its size.
+    sample_bytes: int = 64_000_000
+    # Documents per classify/tokenize/write step inside a shard.
+    chunk_docs: int = 1024
+
+
+@dataclass
 class Recipe:
     name: str = ""
     sources: list[SourceConfig] = field(default_factory=list)
@@ -113,6 +135,7 @@ class Recipe:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
     # Per-source cap applied to sources without their own max_docs (seeded subset).
     max_docs: Optional[int] = None
     skip_empty: bool = False
@@ -124,14 +147,6 @@ class Recipe:
         errors: list[str] = []
         _check_values(self, errors)
         return errors
-
-    def corpus_fingerprint(self, extra: Optional[dict] = None) -> str:
-        """Identity of the tokenized corpus; the noise policy is excluded on purpose,
-        because relabelling changes it without changing the corpus."""
-        d = self.to_dict()
-        d.pop("noise")
-        payload = json.dumps({"recipe": d, "extra": extra or {}}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _check_values(r: Recipe, errors: list[str]) -> None:
@@ -160,6 +175,12 @@ def _check_values(r: Recipe, errors: list[str]) -> None:
             errors.append(f"{p}.module: required for kind bible (e.g. WEB, SpaRV)")
         if s.max_docs is not None and s.max_docs < 1:
             errors.append(f"{p}.max_docs: must be >= 1")
+        if s.num_shards < 1:
+            errors.append(f"{p}.num_shards: must be >= 1")
+        if s.num_shards > 1 and s.kind != "hf":
+            errors.append(f"{p}.num_shards: only for kind hf (files are sharded by sharding.target_bytes)")
+        if s.kind == "wiki_mixed" and s.paragraph_domains_field != "paragraph_domains":
+            errors.append(f"{p}.paragraph_domains_field: wiki_mixed records their truth in 'paragraph_domains'")
     if len(set(names)) != len(names):
         errors.append("sources: names must be unique")
     if r.max_docs is not None and r.max_docs < 1:
@@ -181,6 +202,13 @@ def _check_values(r: Recipe, errors: list[str]) -> None:
     rate("classifier.threshold", r.classifier.threshold)
     if not 0.0 < r.classifier.seed_fraction < 1.0:
         errors.append("classifier.seed_fraction: must be in (0, 1)")
+    if r.classifier.granularity not in ("document", "paragraph"):
+        errors.append(f"classifier.granularity: must be document or paragraph, got {r.classifier.granularity!r}")
+    if r.classifier.min_paragraph_chars < 0:
+        errors.append("classifier.min_paragraph_chars: must be >= 0")
+    sh = r.sharding
+    if sh.target_bytes < 1 or sh.sample_bytes < 1 or sh.chunk_docs < 1:
+        errors.append("sharding: target_bytes, sample_bytes and chunk_docs must be >= 1")
     rate("noise.undiscovered_rate", r.noise.undiscovered_rate)
     rate("noise.false_positive_rate", r.noise.false_positive_rate)
     rate("noise.retain_mode_share", r.noise.retain_mode_share)

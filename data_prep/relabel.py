@@ -1,24 +1,20 @@
 """Relabel a finished shard directory under a new noise policy or threshold.
 
-Only ``train_labels.bin/.idx`` and ``manifest.json`` are rewritten (test splits are
-always unlabeled); tokens, truth and scores are read, never written. This takes
-seconds because labels are a function of (truth, score, policy) per document.
+Only the train label files (``train/shard-*_labels.bin/.idx``) and ``manifest.json`` are
+rewritten (test splits are always unlabeled); tokens, truth and scores are read, never
+written. This takes seconds because labels are a function of (truth, score, policy) per
+unit (document, or paragraph span), which the reduce reads from the small sidecars.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
-from data_prep import classifiers, shards
 from data_prep.errors import PrepError
-from data_prep.manifest import dumps, load_manifest, split_stats
-from data_prep.noise import apply_policy
-from data_prep.pipeline import SEED_FILE
-from data_prep.recipe import NoiseConfig, recipe_from_dict
+from data_prep.manifest import load_manifest
+from data_prep.recipe import recipe_from_dict
+from data_prep.reduce import label_shards
 
 
 def relabel(directory: str | Path, undiscovered_rate: Optional[float] = None,
@@ -38,26 +34,12 @@ def relabel(directory: str | Path, undiscovered_rate: Optional[float] = None,
     if threshold is not None:
         recipe_dict["classifier"]["threshold"] = threshold
     recipe = recipe_from_dict(recipe_dict)  # validates the new rates with the usual messages
-    policy: NoiseConfig = recipe.noise
-    thr = recipe.classifier.threshold
-
-    data = shards.read_split(d, "train")
-    truth, scores = data["truth"], data["scores"]
-    lengths = np.asarray(data["tokens"].sequence_lengths, dtype=np.int64).copy()
-    seed_mask = np.load(d / SEED_FILE).astype(bool) if (d / SEED_FILE).exists() else np.zeros(len(truth), bool)
-    del data  # release the mmaps before files are replaced
-
-    result = apply_policy(truth, scores, lengths, thr, policy)
-    metrics = classifiers.measure(scores, truth, thr, ~seed_mask)
-    manifest["recipe"] = recipe.to_dict()
-    manifest["noise_policy"] = {**dataclasses.asdict(policy), "threshold": thr}
-    manifest["realised"] = result.report
-    manifest["classifier"].update(metrics)
-    manifest["splits"]["train"] = split_stats(truth, result.labels, lengths)
-    with shards.staging(d) as tmp:
-        shards.write_labels(tmp, "train", result.labels, lengths)
-        manifest["label_sidecar_sha256"]["train"] = shards.sha256_files(
-            [tmp / "train_labels.bin", tmp / "train_labels.idx"])
-        (tmp / "manifest.json").write_text(dumps(manifest), encoding="utf-8")
-        shards.publish(tmp, d, ["train_labels.bin", "train_labels.idx", "manifest.json"])
-    return manifest
+    entries = manifest["splits"]["train"]["shards"]
+    for e in entries:  # sizes of every file the manifest lists (full checksums: the reduce's job)
+        for name, rec in e["files"].items():
+            p = d / name
+            if not p.is_file() or p.stat().st_size != rec["bytes"]:
+                raise PrepError(f"relabel {d}: {p} is missing or not the size the manifest records")
+    base = {k: manifest[k] for k in ("tokenizer", "token_dtype", "sources", "corpus")}
+    base["test_splits"] = sorted(k for k in manifest["splits"] if k != "train")
+    return label_shards(recipe, d, entries, base, log=lambda msg: None)

@@ -11,6 +11,7 @@ COMMANDS = {
     "train": ("megatron_sgtm.train.cli", "pretrain with SGTM / baselines (torchrun, DP x TP)"),
     "ablate": ("megatron_sgtm.post.ablate_cli", "zero or prune theta_forget in a checkpoint"),
     "eval": ("megatron_sgtm.post.eval_cli", "calibrated losses per split, generation rate"),
+    "eval-tasks": ("megatron_sgtm.post.eval_tasks_cli", "local lm-eval tasks from a prep output"),
     "attack": ("megatron_sgtm.post.attack_cli", "adversarial fine-tuning recovery"),
     "rmu": ("megatron_sgtm.post.rmu_cli", "the RMU post-hoc unlearning baseline"),
     "study": ("megatron_sgtm.study.cli", "run a sweep spec; fits, leakage, penalties, plots"),
@@ -21,7 +22,7 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: sgtm COMMAND [ARGS...]   (sgtm COMMAND --help for details)", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
 

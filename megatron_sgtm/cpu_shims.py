@@ -5,6 +5,9 @@ megatron-core assumes a GPU in a few places:
   scratch) -> answer ``"cpu"``;
 - the model-parallel RNG tracker forks the *CUDA* generator -> fork the CPU generator instead;
 - ``torch.cuda.synchronize()`` in dist_checkpointing save paths -> a no-op;
+- the pipeline schedules create their token counter with ``device="cuda"`` -> on the CPU;
+- activation checkpointing saves and restores the CUDA generator next to the CPU one -> the
+  CUDA part is an empty state (the CPU generator and the tracker are still restored);
 - ``torch.cuda.is_available()``-style checks elsewhere are left alone.
 
 Our attention is always causal through ``is_causal=True``, so megatron's default mask builder
@@ -17,6 +20,22 @@ import contextlib
 import torch
 
 _APPLIED = False
+
+
+class _TorchWithCPUCounters:
+    """``torch`` as megatron's pipeline schedules see it: tensors they create on "cuda" are
+    created on the CPU (the schedules' only device literal is their token counter)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def zeros(self, *size, device=None, **kwargs):
+        if device == "cuda":
+            device = "cpu"
+        return self._real.zeros(*size, device=device, **kwargs)
 
 
 class CPURNGStatesTracker:
@@ -69,11 +88,15 @@ def apply_cpu_shims(force: bool = False) -> bool:
         return True
     if torch.cuda.is_available() and not force:
         return False
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
 
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    schedules.torch = _TorchWithCPUCounters(torch)
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _APPLIED = True
     return True

@@ -6,6 +6,8 @@
 - ``SDPACoreAttention`` replaces megatron's local DotProductAttention with torch's fused
   ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
 - ``RoutedNorm`` is LayerNorm/RMSNorm whose affine parameters can skip forget tokens.
+- ``install_routed_recompute`` makes megatron's activation checkpointing re-run a forward
+  under the routing that was current when the checkpoint was taken.
 """
 from __future__ import annotations
 
@@ -233,3 +235,31 @@ class SDPACoreAttention(MegatronModule):
             scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+_MEGATRON_CHECKPOINT = None
+
+
+def install_routed_recompute() -> None:
+    """Wrap ``megatron.core.tensor_parallel.checkpoint``, which megatron's transformer block
+    (full recompute) and attention (selective recompute) look up at call time, so that the
+    recomputed forward runs under the routing of the micro-batch that took the checkpoint.
+    Without it the recompute, which runs inside backward, would see no routing or a later
+    micro-batch's. Idempotent; unchanged behaviour when nothing is routed."""
+    global _MEGATRON_CHECKPOINT
+    from megatron.core import tensor_parallel
+
+    if _MEGATRON_CHECKPOINT is not None:
+        return
+    _MEGATRON_CHECKPOINT = tensor_parallel.checkpoint
+
+    def routed_checkpoint(function, distribute_saved_activations, *args):
+        captured = routing_mod.current()
+
+        def rerun(*inputs):
+            with routing_mod.reenter(captured):
+                return function(*inputs)
+
+        return _MEGATRON_CHECKPOINT(rerun, distribute_saved_activations, *args)
+
+    tensor_parallel.checkpoint = routed_checkpoint

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -32,18 +33,20 @@ from .mcore_layers import (
     SGTMColumnParallelLinear,
     SGTMRowParallelLinear,
     drop_forget_grads_hook,
+    install_routed_recompute,
 )
 from .partition import Partition, build_partition
-from .routing import linear_rule
+from .routing import LinearRule, linear_rule
 
 _LINEAR_PATH = re.compile(r"decoder\.layers\.(\d+)\.(self_attention\.linear_(qkv|proj)|mlp\.linear_(fc1|fc2))$")
-_NORM_PATH = re.compile(r"decoder\.layers\.(\d+)\.(input_layernorm|pre_mlp_layernorm)$")
 
 
 def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool,
-                       sequence_parallel: bool = False) -> TransformerConfig:
+                       sequence_parallel: bool = False, pipeline_parallel: int = 1,
+                       virtual_pipeline_parallel: int | None = None) -> TransformerConfig:
     swiglu = model.activation == "swiglu"
     bf16 = model.dtype_on(use_gpu) == "bf16"
+    full_recompute = model.activation_recompute == "full"
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -66,13 +69,24 @@ def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool,
         # The SGTM wgrad mask replaces megatron's GEMM; the fused accumulation would skip it.
         gradient_accumulation_fusion=False,
         sequence_parallel=sequence_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # Individual isend/irecv, ordered by even/odd stage (megatron's non-batched path). In
+        # one batched call two transfers between the same pair of ranks can be matched the
+        # wrong way round (with two stages, next and previous are the same rank, and the
+        # interleaved schedule sends both ways at once): equal shapes, silently swapped.
+        batch_p2p_comm=False,
         bias_activation_fusion=use_gpu and model.add_bias_linear,
         bias_dropout_fusion=use_gpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
         cross_entropy_loss_fusion=False,
-        recompute_granularity="selective" if model.activation_recompute == "selective" else None,
+        recompute_granularity=None if model.activation_recompute == "none"
+        else model.activation_recompute,
+        recompute_method="uniform" if full_recompute else None,
+        recompute_num_layers=model.recompute_num_layers if full_recompute else None,
     )
 
 
@@ -126,6 +140,7 @@ class SGTMGPTModel(GPTModel):
     """GPTModel whose output layer is routable (and may carry a bias)."""
 
     def __init__(self, config: TransformerConfig, core: CoreConfig, **kwargs):
+        self._sgtm_output_ready = False
         super().__init__(config=config, **kwargs)
         self.core = core
         if self.post_process:
@@ -141,62 +156,128 @@ class SGTMGPTModel(GPTModel):
             if core.model.output_bias:
                 with torch.no_grad():
                     self.output_layer.bias.zero_()
+        self._sgtm_output_ready = True
+        self.setup_embeddings_and_output_layer()
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        """Megatron's set-up of the embedding and output layer, for our output layer.
+
+        GPTModel calls it from its constructor, before our output layer exists, so it runs
+        once afterwards. With tied embeddings split over pipeline stages, the last stage's
+        copy of the word embeddings starts at zero and one all-reduce over the embedding
+        group gives it the first stage's values (megatron's scheme; finalize_model_grads
+        later sums the two copies' gradients). Unlike megatron's version it moves nothing
+        to CUDA, so it also runs on CPU."""
+        if not self._sgtm_output_ready:
+            return
+        if self.pre_process:
+            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+        if self.post_process and self.output_layer.weight is not None:
+            self.output_layer.weight.is_embedding_or_output_parameter = True
+        if not self.share_embeddings_and_output_weights:
+            return
+        weight = self.shared_embedding_or_output_weight()
+        if self.config.pipeline_model_parallel_size == 1:
+            weight.zero_out_wgrad = True
+            return
+        if self.pre_process and not self.post_process:
+            weight.shared_embedding = True
+        if self.post_process and not self.pre_process:
+            with torch.no_grad():
+                weight.zero_()
+            weight.shared, weight.shared_embedding = True, True
+        if self._is_in_embd_group():
+            dist.all_reduce(weight.data, group=self.embd_group)
+
+
+def decoder_layers(model: SGTMGPTModel):
+    """``(global layer index, TransformerLayer)`` for this chunk's layers (megatron numbers
+    layers from 1 across all pipeline stages)."""
+    for layer in model.decoder.layers:
+        yield layer.layer_number - 1, layer
 
 
 def bind_routing(model: SGTMGPTModel, partition: Partition, core: CoreConfig,
                  tp: int, tp_rank: int) -> None:
-    """Give every routable module its rule and local forget units (layer from the module path)."""
+    """Give every routable module its rule and local forget units (by global layer index)."""
     method, variant = core.routing.method, core.routing.variant
     local = partition.local(tp, tp_rank)
-    for name, module in model.named_modules():
-        match = _LINEAR_PATH.search(name)
-        if match:
-            layer = int(match.group(1))
-            role = match.group(3) or match.group(4)
-            units = local.units(role) if partition.has_forget_units(layer) else ()
+    for index, layer in decoder_layers(model):
+        linears = {"qkv": layer.self_attention.linear_qkv, "proj": layer.self_attention.linear_proj,
+                   "fc1": layer.mlp.linear_fc1, "fc2": layer.mlp.linear_fc2}
+        for role, module in linears.items():
+            units = local.units(role) if partition.has_forget_units(index) else ()
             module.bind(linear_rule(method, variant, role), units)
-        elif _NORM_PATH.search(name):
-            module.masked = core.routing.mask_embeddings
+        layer.input_layernorm.masked = core.routing.mask_embeddings
+        layer.pre_mlp_layernorm.masked = core.routing.mask_embeddings
     if core.routing.mask_embeddings and method != "none":
         if model.pre_process:
             model.embedding.register_forward_hook(drop_forget_grads_hook)
         if model.post_process:
             # The output layer is an embedding too (tied or not): retain under mask-embeddings;
             # its bias stays joint. No forget rows: forget tokens update none of it.
-            from .routing import LinearRule
-
             model.output_layer.bind(LinearRule(masked_wgrad=True), (), mask_bias=False)
 
 
-def build_model(core: CoreConfig) -> SGTMGPTModel:
-    """The SGTM GPT for this process's TP rank. ``parallel_state`` must be initialised."""
+def _check_groups(core: CoreConfig) -> tuple[int, int]:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if (tp, pp) != (core.tensor_parallel, core.pipeline_parallel):
+        raise ValueError(f"config says tensor_parallel={core.tensor_parallel}, "
+                         f"pipeline_parallel={core.pipeline_parallel} but the process groups "
+                         f"have {tp} and {pp} ranks")
+    return tp, pp
+
+
+def build_model_chunks(core: CoreConfig) -> list[SGTMGPTModel]:
+    """This process's model chunks: its pipeline stage's layers, split into one chunk per
+    virtual stage under the interleaved schedule (a single chunk otherwise). The first
+    stage's first chunk holds the embedding, the last stage's last chunk the output layer.
+    ``parallel_state`` must be initialised."""
     use_gpu = torch.cuda.is_available()
     if not use_gpu:
         apply_cpu_shims()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp != core.tensor_parallel:
-        raise ValueError(f"config says tensor_parallel={core.tensor_parallel} but the process "
-                         f"group has {tp} ranks")
+    tp, pp = _check_groups(core)
+    if core.model.activation_recompute != "none":
+        install_routed_recompute()
     partition = build_partition(core.model, core.partition, core.routing)
     partition.check_tp(tp)
+    vp = core.virtual_pipeline_parallel
     config = transformer_config(core.model, tp, use_gpu=use_gpu,
-                                sequence_parallel=core.sequence_parallel)
-    model = SGTMGPTModel(
-        config=config, core=core,
-        transformer_layer_spec=block_spec(config, core.model.attention_backend),
-        vocab_size=core.model.vocab_size, max_sequence_length=core.model.seq_length,
-        pre_process=True, post_process=True,
-        share_embeddings_and_output_weights=core.model.tie_embeddings,
-        position_embedding_type="rope" if core.model.position_embedding == "rope" else "learned_absolute",
-        rotary_base=core.model.rotary_base, parallel_output=True)
-    bind_routing(model, partition, core, tp, parallel_state.get_tensor_model_parallel_rank())
-    model.partition = partition
-    if config.bf16:
-        # params_dtype reaches only the layers that read it; position embeddings and the
-        # final norm are created in fp32, and an fp32 position embedding would turn every
-        # block's input back to fp32. Megatron's training wraps the model in Float16Module,
-        # which casts all of it; so do we (the optimizer keeps the fp32 main copies).
-        model.bfloat16()
-    if use_gpu:
-        model.cuda()
-    return model
+                                sequence_parallel=core.sequence_parallel, pipeline_parallel=pp,
+                                virtual_pipeline_parallel=vp)
+    chunks = []
+    for stage in range(vp or 1):
+        vp_stage = stage if vp else None
+        model = SGTMGPTModel(
+            config=config, core=core,
+            transformer_layer_spec=block_spec(config, core.model.attention_backend, vp_stage),
+            vocab_size=core.model.vocab_size, max_sequence_length=core.model.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                                vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            share_embeddings_and_output_weights=core.model.tie_embeddings,
+            position_embedding_type="rope" if core.model.position_embedding == "rope"
+            else "learned_absolute",
+            rotary_base=core.model.rotary_base, parallel_output=True, vp_stage=vp_stage)
+        bind_routing(model, partition, core, tp, parallel_state.get_tensor_model_parallel_rank())
+        model.partition = partition
+        if config.bf16:
+            # params_dtype reaches only the layers that read it; position embeddings and the
+            # final norm are created in fp32, and an fp32 position embedding would turn every
+            # block's input back to fp32. Megatron's training wraps the model in Float16Module,
+            # which casts all of it; so do we (the optimizer keeps the fp32 main copies).
+            model.bfloat16()
+        if use_gpu:
+            model.cuda()
+        chunks.append(model)
+    return chunks
+
+
+def build_model(core: CoreConfig) -> SGTMGPTModel:
+    """The SGTM GPT for this process's TP rank, without pipeline parallelism."""
+    if core.pipeline_parallel != 1:
+        raise ValueError("build_model builds a whole model; use build_model_chunks for "
+                         "pipeline parallelism")
+    return build_model_chunks(core)[0]

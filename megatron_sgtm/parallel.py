@@ -1,4 +1,4 @@
-"""Process groups: torch.distributed + megatron-core parallel_state (DP x TP)."""
+"""Process groups: torch.distributed + megatron-core parallel_state (DP x PP x TP)."""
 from __future__ import annotations
 
 import os
@@ -15,8 +15,11 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_parallel(tensor_parallel: int, seed: int, backend: str | None = None) -> None:
-    """Initialise torch.distributed from the torchrun environment and megatron's TP/DP groups."""
+def init_parallel(tensor_parallel: int, seed: int, backend: str | None = None,
+                  pipeline_parallel: int = 1,
+                  virtual_pipeline_parallel: int | None = None) -> None:
+    """Initialise torch.distributed from the torchrun environment and megatron's TP/PP/DP
+    groups (megatron's rank order: TP fastest, then DP, then PP)."""
     if not torch.cuda.is_available():
         apply_cpu_shims()
     if not dist.is_initialized():
@@ -24,11 +27,14 @@ def init_parallel(tensor_parallel: int, seed: int, backend: str | None = None) -
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend or default_backend())
     world = dist.get_world_size()
-    if world % tensor_parallel:
+    if world % (tensor_parallel * pipeline_parallel):
         raise ValueError(f"world size {world} is not divisible by tensor_parallel "
-                         f"{tensor_parallel}")
+                         f"{tensor_parallel} x pipeline_parallel {pipeline_parallel}")
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_parallel)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 

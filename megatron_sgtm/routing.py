@@ -203,6 +203,18 @@ def current() -> TokenRouting | None:
 
 
 @contextlib.contextmanager
+def reenter(routing: TokenRouting | None):
+    """Make an existing ``TokenRouting`` current again (activation recompute re-runs a
+    micro-batch's forward during backward, after its ``route`` block has ended)."""
+    previous = current()
+    _state.routing = routing
+    try:
+        yield routing
+    finally:
+        _state.routing = previous
+
+
+@contextlib.contextmanager
 def route(labels: torch.Tensor | None, device=None, use_spans: bool = True,
           sequence_shard: Optional[tuple[int, int]] = None):
     """Make ``labels`` ([b, s], codes 0/1/2) the routing for forwards run inside the block.

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +48,16 @@ def test_overhead_bench_prints_a_ratio(tmp_path):
                  "--batch", "4", "--steps", "2", "--threads", "1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step-time ratio" in proc.stdout and "machine:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_prep_scale_bench_prints_its_machine_and_ratios(tmp_path):
+    proc = _run(["bench/prep_scale.py", "--smoke", "--sizes", "0.002,0.004", "--file-mb", "1",
+                 "--shard-mb", "0.5"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "machine:" in out and "replicated" in out and "seeded shuffle" in out
+    assert "2 workers / 1 worker throughput" in out and "peak RSS per worker" in out
+    data = json.loads((tmp_path / "prep_scale.json").read_text())
+    assert {(r["size_gb"], r["workers"]) for r in data["rows"]} == {(0.002, 1), (0.002, 2), (0.004, 1), (0.004, 2)}
+    assert all(r["mb_s"] > 0 and r["peak_rss_per_worker"] > 0 for r in data["rows"])

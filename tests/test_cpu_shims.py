@@ -27,6 +27,11 @@ def _shim_worker(rank, world):
     init_parallel(1, seed=5)  # reseeding reproduces the forked stream
     with get_cuda_rng_tracker().fork():
         out["reproducible"] = torch.equal(torch.rand(3), forked_first)
+    from megatron.core.pipeline_parallel import schedules
+
+    # The schedules' token counter (device="cuda" in megatron's source) lands on the CPU.
+    out["counter_device"] = str(schedules.torch.zeros([], dtype=torch.int, device="cuda").device)
+    out["schedules_torch_forwards"] = schedules.torch.float32 is torch.float32
     return out
 
 
@@ -34,3 +39,4 @@ def test_cpu_shims_make_megatron_cpu_safe():
     out = run_distributed(_shim_worker, 1)[0]
     assert out["device"] == "cpu"
     assert out["outer_state_restored"] and out["fork_advances"] and out["reproducible"]
+    assert out["counter_device"] == "cpu" and out["schedules_torch_forwards"]

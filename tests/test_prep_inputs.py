@@ -47,6 +47,10 @@ def _recipe(tmp: Path, retain_src: dict, forget_src: dict, **extra) -> Path:
     return p
 
 
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture()
 def tiny(tmp_path):
     r = _write_jsonl(tmp_path / "r.jsonl", _docs("retain", 60, 1))
@@ -76,13 +80,13 @@ def test_local_formats_read_the_same(tmp_path):
         c = load_corpus(load_recipe(_recipe(tmp_path, src, forget)))
         assert c.texts == docs + fdocs, kind
         assert c.truth.tolist() == [0] * 20 + [1] * 20, kind
-        assert c.sources[0].files or c.sources[0].dataset, kind
+        assert c.input_sha256 and all(len(v) == 64 for v in c.input_sha256.values()), kind
 
 
 def test_tiny_prep_end_to_end(tiny, tmp_path):
     m = prepare(load_recipe(tiny), tmp_path / "out", workers=1, progress=False, log=lambda s: None)
     assert m["realised"]["undiscovered_rate"] == pytest.approx(0.25, abs=0.02)
-    assert not any(p.name.startswith(".staging") for p in (tmp_path / "out").iterdir())
+    assert not list((tmp_path / "out").rglob("tmp-*"))  # no scratch left behind
 
 
 def test_recipe_errors_reported_together(tmp_path):
@@ -150,7 +154,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 def test_different_corpus_refused_and_existing_untouched(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--recipe", str(tiny), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = _tree(out)
     # A different corpus (other vocab) is refused ...
     rc = main(["--recipe", str(tiny), "--out", str(out), "tokenizer.vocab_size=400", "--no-progress"])
     assert rc == 2 and "holds a different corpus" in capsys.readouterr().err
@@ -161,11 +165,13 @@ def test_different_corpus_refused_and_existing_untouched(tiny, tmp_path, capsys)
     # ... and an impossible relabel policy.
     assert main(["--relabel", str(out), "--undiscovered-rate", "1.5"]) == 2
     assert "noise.undiscovered_rate: must be in [0, 1]" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _tree(out) == before
     # --force replaces it, with no stale files left behind
     _write_jsonl(tmp_path / "r.jsonl", _docs("retain", 60, 9))
     assert main(["--recipe", str(tiny), "--out", str(out), "tokenizer.vocab_size=400", "--force",
                  "--workers", "1", "--no-progress"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["recipe"]["tokenizer"]["vocab_size"] == 400
-    assert np.load(out / "train_truth.npy").size == m["splits"]["train"]["num_docs"]
+    assert sum(np.load(out / f"{s['prefix']}_truth.npy").size for s in m["splits"]["train"]["shards"]) \
+        == m["splits"]["train"]["num_docs"]
+    assert not list(out.glob("train_*")) and not list(out.rglob("tmp-*"))

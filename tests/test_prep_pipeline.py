@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +29,12 @@ def _prep(recipe: str, out: Path, extra: list[str]) -> dict:
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+    """Every file under ``d`` (train shards and prep state included), by relative path."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _prefixes(m: dict, split: str) -> list[str]:
+    return [s["prefix"] for s in m["splits"][split].get("shards", [{"prefix": split}])]
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +93,25 @@ def test_shards_read_back_through_megatron(which, request):
     eod = m["tokenizer"]["eod_id"]
     assert m["token_dtype"] == "uint16"
     for split, stats in m["splits"].items():
-        d = read_split(out, split)
-        tokens, labels, truth = d["tokens"], d["labels"], d["truth"]
-        assert len(tokens) == stats["num_docs"] == len(truth)
-        assert np.array_equal(tokens.sequence_lengths, labels.sequence_lengths)
-        assert int(tokens.sequence_lengths.sum()) == stats["num_tokens"]
-        assert tokens[0].dtype == np.uint16 and labels[0].dtype == np.uint8
-        for i in range(0, len(tokens), max(1, len(tokens) // 25)):
-            assert tokens[i][-1] == eod and eod not in tokens[i][:-1]
-            lab = labels[i]
-            assert (lab == lab[0]).all()
-            if split != "train":
-                assert lab[0] == 0
-        if split.startswith("test_"):
-            assert (truth == ["retain", "forget", "adjacent"].index(split[5:])).all()
-        assert d["scores"].dtype == np.float32 and ((0 <= d["scores"]) & (d["scores"] <= 1)).all()
+        n_docs = n_tokens = 0
+        for prefix in _prefixes(m, split):
+            d = read_split(out, prefix)
+            tokens, labels, truth = d["tokens"], d["labels"], d["truth"]
+            assert len(tokens) == len(truth)
+            assert np.array_equal(tokens.sequence_lengths, labels.sequence_lengths)
+            n_docs += len(tokens)
+            n_tokens += int(tokens.sequence_lengths.sum())
+            assert tokens[0].dtype == np.uint16 and labels[0].dtype == np.uint8
+            for i in range(0, len(tokens), max(1, len(tokens) // 25)):
+                assert tokens[i][-1] == eod and eod not in tokens[i][:-1]
+                lab = labels[i]
+                assert (lab == lab[0]).all()
+                if split != "train":
+                    assert lab[0] == 0
+            if split.startswith("test_"):
+                assert (truth == ["retain", "forget", "adjacent"].index(split[5:])).all()
+            assert d["scores"].dtype == np.float32 and ((0 <= d["scores"]) & (d["scores"] <= 1)).all()
+        assert (n_docs, n_tokens) == (stats["num_docs"], stats["num_tokens"])
 
 
 def test_determinism_byte_identical(bilingual, tmp_path):
@@ -120,9 +130,7 @@ def test_determinism_byte_identical(bilingual, tmp_path):
 def test_relabel_rewrites_only_labels(topic, tmp_path):
     src, before = topic
     d = tmp_path / "copy"
-    d.mkdir()
-    for name, data in _files(src).items():
-        (d / name).write_bytes(data)
+    shutil.copytree(src, d)
     old = _files(d)
     t0 = time.perf_counter()
     m = relabel(d, undiscovered_rate=0.5, false_positive_rate=0.2, retain_mode_share=0.25, seed=3)
@@ -130,15 +138,17 @@ def test_relabel_rewrites_only_labels(topic, tmp_path):
     assert elapsed < 10
     new = _files(d)
     changed = sorted(k for k in new if new[k] != old[k])
-    assert changed == ["manifest.json", "train_labels.bin"]  # idx is unchanged: same lengths
+    labels_bins = [f"{p}_labels.bin" for p in _prefixes(before, "train")]
+    assert changed == ["manifest.json"] + labels_bins  # idx is unchanged: same lengths
     real = m["realised"]
     assert abs(real["undiscovered_rate"] - 0.5) < 0.01
     assert abs(real["false_positive_rate"] - 0.2) < 0.02
     assert abs(real["retain_mode_share"] - 0.25) < 0.01
     assert m["tokens_sha256"] == before["tokens_sha256"]
     assert m["recipe"]["noise"]["undiscovered_rate"] == 0.5
-    lab = read_split(d, "train")["labels"]
-    assert (np.asarray(lab.sequence_lengths) > 0).all()
+    for prefix in _prefixes(m, "train"):
+        lab = read_split(d, prefix)["labels"]
+        assert (np.asarray(lab.sequence_lengths) > 0).all()
     # The CLI form; an unset flag keeps the current value.
     assert main(["--relabel", str(d), "--undiscovered-rate", "0.3"]) == 0
     m2 = json.loads((d / "manifest.json").read_text())

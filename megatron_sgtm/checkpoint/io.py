@@ -17,6 +17,7 @@ import torch
 from . import optim, rank_state
 from .collective import barrier as _barrier
 from .collective import broadcast as _broadcast
+from .collective import gather_all
 from .collective import rank as _rank
 from .collective import world as _world
 from .layout import (FORMAT_VERSION, META_FILE, PICKLED_RANK_FORMAT, STATE_DIR, CheckpointError,
@@ -29,8 +30,9 @@ def _parallel_sizes() -> dict:
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        return {"tensor_parallel": 1, "data_parallel": _world()}
+        return {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": _world()}
     return {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
             "data_parallel": ps.get_data_parallel_world_size()}
 
 
@@ -45,12 +47,17 @@ def _versions() -> dict:
 
 
 def model_shapes(model_sd) -> dict[str, list[int]]:
-    """Global shape of every sharded model tensor, by checkpoint key (TP-independent)."""
+    """Global shape of every sharded model tensor, by checkpoint key, over all ranks of the
+    job (pipeline stages hold different tensors; TP and PP sizes do not change the result)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    return {t.key: list(t.global_shape) for t in nested_values(model_sd)
+    mine = {t.key: list(t.global_shape) for t in nested_values(model_sd)
             if isinstance(t, ShardedTensor)}
+    merged: dict[str, list[int]] = {}
+    for shapes in (gather_all(mine) if _world() > 1 else [mine]):
+        merged.update(shapes)
+    return dict(sorted(merged.items()))
 
 
 def rng_state() -> dict:

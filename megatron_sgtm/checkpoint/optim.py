@@ -6,8 +6,9 @@
 - A plain ``torch.optim`` optimizer (the CPU path: AdamW over the model's parameters) gets
   one ShardedTensor per per-parameter state tensor (``exp_avg``, ``exp_avg_sq``), with the
   global shape and offsets of the parameter's own ShardedTensor, so it reshards with TP like
-  the model. Scalar state (``step``) and the param-group hyperparameters go to the common
-  (rank-0) part; they are identical on every rank because all ranks step together.
+  the model. The step count and the param-group hyperparameters go to the common (rank-0)
+  part; they are identical on every rank and parameter because all step together, so the
+  common part fits any layout (TP, PP) the checkpoint is loaded at.
 """
 from __future__ import annotations
 
@@ -56,36 +57,47 @@ def _sharded(model_param, tensor: torch.Tensor, state_key: str):
 
 
 def torch_state_for_save(optimizer: torch.optim.Optimizer, model_sd) -> dict:
-    """{"sharded": {...ShardedTensors}, "common": {...plain values}} for a torch optimizer."""
+    """{"sharded": {...ShardedTensors}, "common": {...plain values}} for a torch optimizer.
+
+    The common part (written by rank 0 only) must describe every rank's parameters, also
+    under pipeline parallelism where ranks hold different layers. It therefore holds no
+    per-parameter entries: the group hyperparameters, the state keys every parameter
+    carries and the step count, which all parameters share because they step together."""
     id_map = _param_map(optimizer, model_sd)
     sharded: dict[str, Any] = {}
-    tensor_keys: dict[int, list[str]] = {}
-    scalars: dict[int, dict[str, Any]] = {}
+    layouts = set()
+    step = None
     for i, p in enumerate(_params(optimizer)):
+        keys = []
         for key, value in optimizer.state.get(p, {}).items():
             if torch.is_tensor(value) and value.shape == p.shape and value.dim() > 0:
                 sharded[f"{i}.{key}"] = _sharded(id_map[i], value, key)
-                tensor_keys.setdefault(i, []).append(key)
+                keys.append(key)
+            elif key == "step":
+                step = value.clone() if torch.is_tensor(value) else value
             else:
-                scalars.setdefault(i, {})[key] = value.clone() if torch.is_tensor(value) else value
-    groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} | {
-        "num_params": len(g["params"])} for g in optimizer.param_groups]
-    return {"sharded": sharded, "common": {"param_groups": groups, "tensor_keys": tensor_keys,
-                                           "scalars": scalars}}
+                raise CheckpointError(f"optimizer state {key!r} is neither a tensor shaped like "
+                                      "its parameter nor the step count")
+        layouts.add(tuple(sorted(keys)))
+    if len(layouts) > 1:
+        raise CheckpointError(f"optimizer parameters carry different state keys {sorted(layouts)}; "
+                              "all must have stepped together")
+    groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+              for g in optimizer.param_groups]
+    return {"sharded": sharded, "common": {
+        "param_groups": groups, "tensor_keys": list(layouts.pop()) if layouts else [],
+        "step": step}}
 
 
 def torch_template_for_load(optimizer: torch.optim.Optimizer, model_sd, common: dict) -> dict:
     """ShardedTensors to load into, shaped after this process's parameters."""
     params = _params(optimizer)
-    saved_groups = common["param_groups"]
-    ours = [len(g["params"]) for g in optimizer.param_groups]
-    theirs = [g["num_params"] for g in saved_groups]
-    if ours != theirs:
-        raise CheckpointError(f"optimizer parameter groups differ: checkpoint has {theirs} "
-                              f"parameters per group, this optimizer {ours}")
+    if len(common["param_groups"]) != len(optimizer.param_groups):
+        raise CheckpointError(f"optimizer has {len(optimizer.param_groups)} parameter groups, "
+                              f"the checkpoint {len(common['param_groups'])}")
     id_map = _param_map(optimizer, model_sd)
-    return {f"{i}.{key}": _sharded(id_map[int(i)], torch.empty_like(params[int(i)]), key)
-            for i, keys in common["tensor_keys"].items() for key in keys}
+    return {f"{i}.{key}": _sharded(id_map[i], torch.empty_like(p), key)
+            for i, p in enumerate(params) for key in common["tensor_keys"]}
 
 
 def torch_load(optimizer: torch.optim.Optimizer, loaded: dict, common: dict) -> None:
@@ -93,11 +105,12 @@ def torch_load(optimizer: torch.optim.Optimizer, loaded: dict, common: dict) -> 
     for name, tensor in loaded.items():
         i, key = name.split(".", 1)
         state.setdefault(int(i), {})[key] = tensor
-    for i, values in common["scalars"].items():
-        state.setdefault(int(i), {}).update(copy.deepcopy(values))
+    if common["step"] is not None:
+        for values in state.values():
+            values["step"] = copy.deepcopy(common["step"])
     groups, start = [], 0
     for ours, saved in zip(optimizer.param_groups, common["param_groups"]):
-        group = {k: v for k, v in saved.items() if k != "num_params"}
+        group = dict(saved)
         group["params"] = list(range(start, start + len(ours["params"])))
         start += len(ours["params"])
         groups.append(group)

@@ -1,6 +1,6 @@
 """Shard reading, label-homogeneous packing and training/held-out batches.
 
-``open_split`` validates a data_prep split; ``TrainBatches`` serves resumable DP-sliced
+``open_split`` validates a data_prep split (all of its shards, as one dataset); ``TrainBatches`` serves resumable DP-sliced
 micro-batches; ``EvalBatches`` serves held-out ones. ``testing.write_test_shards`` writes small
 real shard directories for tests.
 """

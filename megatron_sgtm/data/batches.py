@@ -64,9 +64,11 @@ def _gather(split: ShardSplit, index: PackedIndex, samples: np.ndarray) -> dict:
     shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
     pos = shift + np.arange(int(lens.sum()))
     rows = (len(samples), index.seq_length + 1)
+    truth = (split.truth_at(pos) if split.span_offsets is not None
+             else np.repeat(split.doc_truth[docs], lens))
     return {"tokens": split.tokens[pos].astype(np.int64).reshape(rows),
             "labels": split.labels[pos].astype(np.int64).reshape(rows),
-            "truth": np.repeat(split.doc_truth[docs], lens).reshape(rows)}
+            "truth": truth.reshape(rows)}
 
 
 def _to_batch(rows: dict, routing: np.ndarray, sample_label: np.ndarray,
@@ -102,10 +104,15 @@ class TrainBatches:
         self.dp_rank, self.dp_size, self.seed, self.method = dp_rank, dp_size, seed, method
         if cache_dir is None and use_cache:
             cache_dir = Path(split.directory) / ".packing_cache"
+        # Documents with several labels (paragraph labels) are packed as label runs, so every
+        # sequence stays label-homogeneous (packing.py).
+        units = split.units()
+        lengths, labels, truth = ((split.doc_lengths, split.doc_labels, split.doc_truth)
+                                  if units is None else (units[2], units[3], units[4]))
         self.index, self.key = cached_packing(
-            cache_dir if use_cache else None, split.doc_lengths, split.doc_labels,
-            split.doc_truth, seq_length, seed, self.spec.drop_labels, self.spec.drop_truth,
-            self.spec.routes)
+            cache_dir if use_cache else None, lengths, labels, truth, seq_length, seed,
+            self.spec.drop_labels, self.spec.drop_truth, self.spec.routes,
+            None if units is None else units[:2])
         if self.index.num_samples == 0:
             raise DataError(f"{split.directory}: split {split.split!r} packs into no samples of "
                             f"{seq_length + 1} tokens with method {method!r} "

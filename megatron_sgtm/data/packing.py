@@ -8,6 +8,13 @@ what keeps forget information out of retain gradients under causal attention (SG
 A sample is a run of pieces ``(doc, start, stop)`` (token offsets inside the document); the
 index stores them as flat arrays with a CSR pointer per sample, so millions of samples cost a
 few arrays and can be cached on disk.
+
+Documents whose tokens carry different labels (paragraph-level labels) are first split at
+every label change into label-homogeneous *units* (``units=(unit_doc, unit_start)``, with
+lengths/labels/truth given per unit). Each unit is then packed like a document of its own, so
+a retain-labelled paragraph never shares a sequence, and so attention, with the forget
+paragraph before it. Consecutive same-label paragraphs stay one unit (their context is kept);
+a unit cut from inside a document has no end-of-document token of its own.
 """
 from __future__ import annotations
 
@@ -69,11 +76,14 @@ def _cut(doc_ids: np.ndarray, lengths: np.ndarray, sample_len: int):
 
 def build_packing(doc_lengths: np.ndarray, doc_labels: np.ndarray, seq_length: int, seed: int,
                   doc_truth: Optional[np.ndarray] = None, drop_labels: Iterable[int] = (),
-                  drop_truth: Iterable[int] = (), route: bool = True) -> PackedIndex:
+                  drop_truth: Iterable[int] = (), route: bool = True,
+                  units: Optional[tuple[np.ndarray, np.ndarray]] = None) -> PackedIndex:
     """Pack documents into label-homogeneous samples of ``seq_length + 1`` tokens.
 
     ``drop_labels``/``drop_truth`` remove documents by applied label / true domain before
-    packing (the data filters). ``route=False`` gives every sample routing label 0.
+    packing (the data filters). ``route=False`` gives every sample routing label 0. With
+    ``units=(unit_doc, unit_start)`` the first three arrays describe units (pieces of
+    documents) instead of documents; the index still names documents and offsets in them.
     """
     lengths = np.asarray(doc_lengths, dtype=np.int64)
     labels = np.asarray(doc_labels, dtype=np.int64)
@@ -93,8 +103,13 @@ def build_packing(doc_lengths: np.ndarray, doc_labels: np.ndarray, seq_length: i
         # reshuffle the other labels' streams.
         docs = np.random.default_rng([seed, int(label)]).permutation(docs)
         n, sample, pdoc, pstart, pstop = _cut(docs, lengths, sample_len)
+        ptruth = truth[pdoc]
+        if n and units is not None:
+            unit_doc, unit_start = (np.asarray(a, np.int64) for a in units)
+            pstart, pstop = pstart + unit_start[pdoc], pstop + unit_start[pdoc]
+            pdoc = unit_doc[pdoc]
         if n:
-            parts.append((int(label), n, sample + base, pdoc, pstart, pstop))
+            parts.append((int(label), n, sample + base, pdoc, pstart, pstop, ptruth))
             base += n
     if not parts:
         empty = np.zeros(0, np.int64)
@@ -108,16 +123,17 @@ def build_packing(doc_lengths: np.ndarray, doc_labels: np.ndarray, seq_length: i
     counts = np.bincount(piece_sample, minlength=base)
     piece_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     votes = np.zeros((base, NUM_TRUTH), np.int64)
-    np.add.at(votes, (piece_sample, truth[piece_doc]), piece_stop - piece_start)
+    piece_truth = np.concatenate([p[6] for p in parts])
+    np.add.at(votes, (piece_sample, piece_truth), piece_stop - piece_start)
     routing = sample_label if route else np.zeros_like(sample_label)
     return PackedIndex(seq_length, sample_label, routing.copy(), votes.argmax(axis=1),
                        piece_ptr, piece_doc, piece_start, piece_stop, int((~keep).sum()))
 
 
 def packing_key(doc_lengths, doc_labels, doc_truth, seq_length: int, seed: int,
-                drop_labels=(), drop_truth=(), route: bool = True) -> str:
+                drop_labels=(), drop_truth=(), route: bool = True, units=None) -> str:
     h = hashlib.sha256()
-    for arr in (doc_lengths, doc_labels, doc_truth):
+    for arr in (doc_lengths, doc_labels, doc_truth, *(units or ())):
         h.update(np.ascontiguousarray(np.asarray(arr, dtype=np.int64)).tobytes())
         h.update(b"|")
     h.update(repr((CACHE_VERSION, int(seq_length), int(seed), sorted(drop_labels),
@@ -127,7 +143,7 @@ def packing_key(doc_lengths, doc_labels, doc_truth, seq_length: int, seed: int,
 
 def cached_packing(cache_dir: Optional[Path], doc_lengths, doc_labels, doc_truth,
                    seq_length: int, seed: int, drop_labels=(), drop_truth=(),
-                   route: bool = True) -> tuple[PackedIndex, str]:
+                   route: bool = True, units=None) -> tuple[PackedIndex, str]:
     """``build_packing`` through an on-disk cache keyed by everything the index depends on.
 
     The cache file is written to a temporary name and renamed, so concurrent ranks and
@@ -135,7 +151,7 @@ def cached_packing(cache_dir: Optional[Path], doc_lengths, doc_labels, doc_truth
     directory only costs the rebuild.
     """
     key = packing_key(doc_lengths, doc_labels, doc_truth, seq_length, seed, drop_labels,
-                      drop_truth, route)
+                      drop_truth, route, units)
     path = None if cache_dir is None else Path(cache_dir) / f"packing_{key}.npz"
     if path is not None and path.is_file():
         try:
@@ -146,7 +162,7 @@ def cached_packing(cache_dir: Optional[Path], doc_lengths, doc_labels, doc_truth
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable cache entry: rebuild and overwrite it
     index = build_packing(doc_lengths, doc_labels, seq_length, seed, doc_truth, drop_labels,
-                          drop_truth, route)
+                          drop_truth, route, units)
     if path is not None:
         tmp = None
         try:

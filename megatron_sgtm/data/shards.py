@@ -1,9 +1,12 @@
-"""Read and validate one split of a data_prep shard directory.
+"""Read and validate one split of a data_prep shard directory, as one dataset.
 
-Layout (see data_prep/shards.py): ``S_tokens.bin/.idx`` one IndexedDataset entry per document,
-``S_labels.bin/.idx`` uint8 applied label per token with identical entry lengths,
-``S_truth.npy`` uint8 true domain per document, ``S_scores.npy`` float32 score per document,
-and ``manifest.json``.
+Layout (see data_prep/shards.py), per prefix ``P``: ``P_tokens.bin/.idx`` one IndexedDataset
+entry per document, ``P_labels.bin/.idx`` uint8 applied label per token with identical entry
+lengths, ``P_truth.npy`` uint8 true domain per document, ``P_scores.npy`` float32 score per
+document, optionally ``P_span_lengths.npy`` + ``P_span_truth.npy`` (paragraph spans tiling the
+documents, with their truth), and ``manifest.json``. A split is the prefix ``S`` itself, or,
+when the manifest lists ``splits.S.shards``, every listed prefix in order: each is validated
+on its own (and against the manifest's counts), then presented as one concatenated dataset.
 
 Every check is vectorised over the index arrays or a memory map of the .bin, so opening a
 multi-billion-token split costs one linear scan of the token file (the vocabulary bound), not a
@@ -81,7 +84,7 @@ def _check_index(ds, prefix: Path) -> tuple[np.ndarray, np.ndarray]:
     return lengths, expected // itemsize
 
 
-def _doc_array(path: Path, n: int, dtype, required: bool) -> Optional[np.ndarray]:
+def _doc_array(path: Path, n: Optional[int], dtype, required: bool) -> Optional[np.ndarray]:
     if not path.is_file():
         if required:
             raise DataError(f"{path}: missing")
@@ -90,14 +93,15 @@ def _doc_array(path: Path, n: int, dtype, required: bool) -> Optional[np.ndarray
         arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise DataError(f"{path}: unreadable ({exc})") from None
-    if arr.ndim != 1 or len(arr) != n:
+    if arr.ndim != 1 or (n is not None and len(arr) != n):
         raise DataError(f"{path}: shape {arr.shape}, expected ({n},) (one value per document)")
     return arr.astype(dtype, copy=False)
 
 
 @dataclass
 class ShardSplit:
-    """One validated split. Token access is through memory maps; nothing large is loaded."""
+    """One validated split (one or many shard prefixes). Token access is through memory maps;
+    nothing large is loaded."""
 
     directory: Path
     split: str
@@ -107,11 +111,17 @@ class ShardSplit:
     doc_labels: np.ndarray  # int64 [docs], applied label (max over the document's tokens)
     doc_truth: np.ndarray  # int64 [docs], true domain
     doc_scores: Optional[np.ndarray]  # float32 [docs] or None when the file is absent
-    tokens: np.ndarray = field(repr=False)  # flat memmap of all token ids
-    labels: np.ndarray = field(repr=False)  # flat memmap of per-token applied labels
+    tokens: np.ndarray = field(repr=False)  # flat memmap (or FlatConcat) of all token ids
+    labels: np.ndarray = field(repr=False)  # flat memmap (or FlatConcat) of per-token labels
     # Documents whose tokens carry more than one label; doc_labels takes their max so a
-    # partly forget-labelled document is never trained as retain or unlabeled.
+    # partly forget-labelled document is never trained as retain or unlabeled (where
+    # documents are used whole), and training packs their label runs apart (``units``).
     mixed_label_docs: int = 0
+    # Paragraph spans (paragraph-granularity prep): flat token offset and truth of each.
+    span_offsets: Optional[np.ndarray] = field(default=None, repr=False)
+    span_truth: Optional[np.ndarray] = field(default=None, repr=False)
+    prefixes: tuple[str, ...] = ()
+    doc_label_min: Optional[np.ndarray] = field(default=None, repr=False)  # int64 [docs]
 
     @property
     def num_docs(self) -> int:
@@ -133,22 +143,66 @@ class ShardSplit:
         start = int(self.doc_offsets[doc])
         return np.asarray(self.labels[start:start + int(self.doc_lengths[doc])])
 
+    def truth_at(self, pos: np.ndarray) -> np.ndarray:
+        """True domain of the tokens at flat positions ``pos`` (a paragraph's own truth when
+        the split has spans, else its document's)."""
+        pos = np.asarray(pos, np.int64)
+        if self.span_offsets is not None:
+            return self.span_truth[np.searchsorted(self.span_offsets, pos, side="right") - 1]
+        return self.doc_truth[np.searchsorted(self.doc_offsets, pos, side="right") - 1]
+
+    def units(self) -> Optional[tuple[np.ndarray, ...]]:
+        """Label-homogeneous pieces for packing, or None when every document has one label:
+        ``(unit_doc, unit_start, unit_length, unit_label, unit_truth)``; a mixed document is
+        split at every label change, the others stay whole. A unit's truth is the majority
+        (by tokens) of its tokens' truth."""
+        if self.mixed_label_docs == 0:
+            return None
+        from .concat import label_changes
+
+        starts = np.union1d(self.doc_offsets, label_changes(self.labels, self.num_tokens))
+        doc = np.searchsorted(self.doc_offsets, starts, side="right") - 1
+        start = starts - self.doc_offsets[doc]
+        length = np.diff(np.append(starts, self.num_tokens))
+        label = self.labels[starts].astype(np.int64)
+        if self.span_offsets is None:
+            truth = self.doc_truth[doc]
+        else:  # labels change only at span boundaries, so each unit is whole spans
+            unit_of_span = np.searchsorted(starts, self.span_offsets, side="right") - 1
+            votes = np.zeros((len(starts), TRUTH_MAX + 1), np.int64)
+            span_len = np.diff(np.append(self.span_offsets, self.num_tokens))
+            np.add.at(votes, (unit_of_span, self.span_truth), span_len)
+            truth = votes.argmax(axis=1)
+        return doc, start, length, label, truth
+
 
 def _flat_memmap(prefix: Path, dtype) -> np.ndarray:
     return np.memmap(prefix.with_suffix(".bin"), dtype=dtype, mode="r")
 
 
-def open_split(directory, split: str) -> ShardSplit:
-    """Open and validate ``split`` of the shard directory ``directory``."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: not a directory")
-    manifest = read_manifest(directory)
-    vocab = int(manifest["tokenizer"]["vocab_size"])
-    tok_prefix, lab_prefix = directory / f"{split}_tokens", directory / f"{split}_labels"
+@dataclass
+class _Prefix:
+    lengths: np.ndarray
+    offsets: np.ndarray
+    tokens: np.ndarray
+    labels: np.ndarray
+    doc_max: np.ndarray
+    doc_min: np.ndarray
+    truth: np.ndarray
+    scores: Optional[np.ndarray]
+    span_lengths: Optional[np.ndarray]
+    span_truth: Optional[np.ndarray]
 
+
+def _open_prefix(directory: Path, prefix: str, manifest: dict, expect: Optional[dict]) -> _Prefix:
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    tok_prefix, lab_prefix = directory / f"{prefix}_tokens", directory / f"{prefix}_labels"
     tok_ds = _open_indexed(tok_prefix)
     lengths, offsets = _check_index(tok_ds, tok_prefix)
+    if expect is not None and (len(lengths), int(lengths.sum())) != (expect.get("num_docs"), expect.get("num_tokens")):
+        raise DataError(f"{tok_prefix}.idx: {len(lengths)} documents / {int(lengths.sum())} tokens, but "
+                        f"the manifest lists {expect.get('num_docs')} / {expect.get('num_tokens')} for "
+                        f"shard {prefix} (the shard was replaced after prep finished)")
     tok_dtype = np.dtype(tok_ds.index.dtype)
     declared = manifest.get("token_dtype")
     if declared is not None and np.dtype(declared) != tok_dtype:
@@ -179,12 +233,68 @@ def open_split(directory, split: str) -> ShardSplit:
     if int(doc_max.max()) > LABEL_MAX:
         raise DataError(f"{lab_prefix}.bin: label {int(doc_max.max())} is not one of 0/1/2")
 
-    truth = _doc_array(directory / f"{split}_truth.npy", len(lengths), np.int64, required=True)
+    truth = _doc_array(directory / f"{prefix}_truth.npy", len(lengths), np.int64, required=True)
     if truth.min() < 0 or truth.max() > TRUTH_MAX:
-        raise DataError(f"{directory / f'{split}_truth.npy'}: values outside 0/1/2")
-    scores = _doc_array(directory / f"{split}_scores.npy", len(lengths), np.float32,
+        raise DataError(f"{directory / f'{prefix}_truth.npy'}: values outside 0/1/2")
+    scores = _doc_array(directory / f"{prefix}_scores.npy", len(lengths), np.float32,
                         required=False)
+    span_lengths = span_truth = None
+    span_path = directory / f"{prefix}_span_lengths.npy"
+    if span_path.is_file():
+        span_lengths = _doc_array(span_path, None, np.int64, required=True)
+        ends = np.cumsum(span_lengths)
+        if (span_lengths <= 0).any() or ends[-1] != lengths.sum() or \
+                not np.isin(np.cumsum(lengths), ends).all():
+            raise DataError(f"{span_path}: paragraph spans do not tile the documents of {tok_prefix}.idx")
+        span_truth = _doc_array(directory / f"{prefix}_span_truth.npy", len(span_lengths), np.int64,
+                                required=True)
+        if span_truth.min() < 0 or span_truth.max() > TRUTH_MAX:
+            raise DataError(f"{directory / f'{prefix}_span_truth.npy'}: values outside 0/1/2")
+    return _Prefix(lengths, offsets, tokens, labels, doc_max, doc_min, truth, scores,
+                   span_lengths, span_truth)
+
+
+def split_prefixes(manifest: dict, split: str) -> list[tuple[str, Optional[dict]]]:
+    """The shard prefixes of ``split`` with their manifest entries (one bare prefix when the
+    manifest lists none)."""
+    entries = ((manifest.get("splits") or {}).get(split) or {}).get("shards")
+    if not entries:
+        return [(split, None)]
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("prefix"), str)
+                                                for e in entries):
+        raise DataError(f"manifest: splits.{split}.shards must be a list of {{prefix, ...}} entries")
+    return [(e["prefix"], e) for e in entries]
+
+
+def open_split(directory, split: str) -> ShardSplit:
+    """Open and validate ``split`` of the shard directory ``directory`` (all of its shards)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: not a directory")
+    manifest = read_manifest(directory)
+    listed = split_prefixes(manifest, split)
+    parts = [_open_prefix(directory, prefix, manifest, expect) for prefix, expect in listed]
+    from .concat import FlatConcat
+
+    def cat(name):
+        arrays = [getattr(p, name) for p in parts]
+        if any(a is None for a in arrays):
+            return None
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+    lengths = cat("lengths")
+    tok_base = np.concatenate([[0], np.cumsum([int(p.lengths.sum()) for p in parts])[:-1]])
+    offsets = np.concatenate([p.offsets + b for p, b in zip(parts, tok_base)]) if len(parts) > 1 else parts[0].offsets
+    tokens = parts[0].tokens if len(parts) == 1 else FlatConcat([p.tokens for p in parts])
+    labels = parts[0].labels if len(parts) == 1 else FlatConcat([p.labels for p in parts])
+    doc_max, doc_min = cat("doc_max"), cat("doc_min")
+    span_lengths = cat("span_lengths")
+    if span_lengths is None and any(p.span_lengths is not None for p in parts):
+        raise DataError(f"{directory}: split {split!r} has paragraph spans in some shards only")
+    span_offsets = None if span_lengths is None else np.concatenate([[0], np.cumsum(span_lengths)[:-1]])
     return ShardSplit(directory=directory, split=split, manifest=manifest, doc_lengths=lengths,
-                      doc_offsets=offsets, doc_labels=doc_max, doc_truth=truth,
-                      doc_scores=scores, tokens=tokens, labels=labels,
-                      mixed_label_docs=int((doc_max != doc_min).sum()))
+                      doc_offsets=offsets, doc_labels=doc_max, doc_truth=cat("truth"),
+                      doc_scores=cat("scores"), tokens=tokens, labels=labels,
+                      mixed_label_docs=int((doc_max != doc_min).sum()),
+                      span_offsets=span_offsets, span_truth=cat("span_truth"),
+                      prefixes=tuple(p for p, _ in listed), doc_label_min=doc_min)

@@ -1,5 +1,6 @@
 """``sgtm ablate CKPT --out DIR``: zero theta_forget; ``--prune`` writes a smaller dense model;
-``--export hf`` writes a Hugging Face transformers model (+ tokenizer.model)."""
+``--export hf`` writes a Hugging Face transformers model and a tokenizer AutoTokenizer loads to
+the run's sentencepiece ids (hf_tokenizer.py)."""
 from __future__ import annotations
 
 import argparse
@@ -23,35 +24,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tokenizer(args, meta) -> Path | None:
-    if args.tokenizer is not None:
-        path = args.tokenizer / "tokenizer.model" if args.tokenizer.is_dir() else args.tokenizer
-        if not path.exists():
-            raise PostError(f"tokenizer {path}: does not exist")
-        return path
-    for value in _strings(meta.get("config")):
-        candidate = Path(value) / "tokenizer.model"
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def _strings(node):
-    if isinstance(node, dict):
-        for v in node.values():
-            yield from _strings(v)
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            yield from _strings(v)
-    elif isinstance(node, str):
-        yield node
-
-
 def _main(args) -> int:
     import torch.distributed as dist
 
     from ..model import build_model
     from .ablate import max_abs_forget, prune_full_params, zero_forget_
+    from .eval_export import find_tokenizer
     from .export_hf import export_hf
     from .hf_import import write_record
     from .layout import gather_full_params, load_full_params
@@ -80,10 +58,14 @@ def _main(args) -> int:
             f"ffn {out_core.model.ffn_hidden_size}, kv_channels {out_core.model.kv_channels}")
     if args.export == "hf":
         full = gather_full_params(out_model)
+        tokenizer = find_tokenizer(meta, args.tokenizer, args.checkpoint, required=False)
+        if tokenizer is None:
+            say("ablate: warning: no tokenizer.model found (pass --tokenizer); the export holds "
+                "the model only, which AutoTokenizer cannot load")
         if is_rank0():
             tmp = atomic_dir(args.out)
             try:
-                export_hf(full, out_core, tmp, _tokenizer(args, meta))
+                export_hf(full, out_core, tmp, tokenizer)
                 write_record(tmp, out_core, meta)  # sha256 of the files, the exact config
                 tmp.rename(args.out)
             finally:

@@ -77,8 +77,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="tensor-parallel size (default: all ranks; 1 without torchrun)")
 
 
-def add_data(parser: argparse.ArgumentParser, seq_default: int | None = None) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="`sgtm prep` shard directory")
+def add_data(parser: argparse.ArgumentParser, seq_default: int | None = None,
+             required: bool = True) -> None:
+    parser.add_argument("--data", type=Path, required=required, help="`sgtm prep` shard directory")
     parser.add_argument("--seq", type=int, default=seq_default,
                         help="sequence length (default: the model's)")
     parser.add_argument("--batch", type=int, default=8, help="micro-batch size")

@@ -1,14 +1,18 @@
 """``sgtm eval CKPT --data DIR``: loss and accuracy per held-out split, plain and with logit
 calibration, per-token loss distribution on the forget split, and (``--generate N``) the
-share of continuations of forget-domain prefixes classified as forget-domain."""
+share of continuations of forget-domain prefixes classified as forget-domain.
+``--lm-eval TASKS`` also runs lm-evaluation-harness on the checkpoint's Hugging Face export
+(``--data`` is then optional; see lm_eval_run.py)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from ..data import read_manifest
-from . import ckpt_io, shards
+from . import ckpt_io, lm_eval_run, shards
+from .ckpt_io import PostError
 from .cli_common import add_common, add_data, is_rank0, run, say, start
+from .eval_export import is_hf_dir
 
 ROUTED = ("sgtm", "gradient_routing", "activation_masking")
 
@@ -16,7 +20,7 @@ ROUTED = ("sgtm", "gradient_routing", "activation_masking")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgtm eval", description=__doc__)
     add_common(p)
-    add_data(p)
+    add_data(p, required=False)
     p.add_argument("--ablate", choices=["auto", "yes", "no"], default="auto",
                    help="zero theta_forget first (auto: for routed methods)")
     p.add_argument("--calibration-steps", type=int, default=300, help="0 disables calibration")
@@ -31,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here")
+    lm_eval_run.add_arguments(p)
     return p
 
 
@@ -54,13 +59,24 @@ def _main(args) -> int:
     from .common import model_device
     from .evaluate import evaluate, format_table, write_jsonl
 
+    lm = lm_eval_run.request_from(args) if args.lm_eval else None  # fail fast, before loading
+    if args.data is None and lm is None:
+        raise PostError("--data is required (the `sgtm prep` output to evaluate on), "
+                        "unless --lm-eval is given")
     tp = start(args.tp)
+    if args.data is None:  # lm-eval only: the model is loaded only if it must be exported
+        ablate = _ablate(args, None, tp)
+        rows = _lm_eval_rows(args, lm, ablate, {"checkpoint": str(args.checkpoint),
+                                                "ablated": ablate}, tp=tp)
+        if args.out and is_rank0():
+            write_jsonl(args.out, rows)
+        return 0
     manifest = read_manifest(args.data)
     model, core, meta = ckpt_io.load(args.checkpoint, tp, args.trust_checkpoint)
     ckpt_io.check_tokenizer(meta, manifest, args.checkpoint, args.data)
     seq = args.seq or core.model.seq_length
     device = model_device(model)
-    ablate = args.ablate == "yes" or (args.ablate == "auto" and core.routing.method in ROUTED)
+    ablate = _ablate(args, core, tp)
     if ablate:
         zero_forget_(model)
     tests = shards.eval_sets(args.data, seq, args.batch, args.max_sequences, device)
@@ -79,9 +95,30 @@ def _main(args) -> int:
         rows.append(dict(tag, generation=_generation(args, model, manifest, bias, seq, device)))
         say(f"generation: {rows[-1]['generation']['rate']:.3f} of continuations classified "
             "as forget-domain")
+    if lm is not None:
+        rows += _lm_eval_rows(args, lm, ablate, tag, model, core, meta, tp)
     if args.out and is_rank0():
         write_jsonl(args.out, rows)
     return 0
+
+
+def _ablate(args, core, tp: int) -> bool:
+    """Zero theta_forget first? ``auto``: for the routed methods (an HF directory: as given)."""
+    if args.ablate != "auto":
+        return args.ablate == "yes"
+    if core is None and not is_hf_dir(args.checkpoint):
+        path = ckpt_io.resolve(args.checkpoint)
+        core = ckpt_io.core_config(ckpt_io.metadata(path), path, tp)
+    return core is not None and core.routing.method in ROUTED
+
+
+def _lm_eval_rows(args, lm, ablate: bool, tag: dict, model=None, core=None, meta=None,
+                  tp: int = 1) -> list[dict]:
+    request, manager = lm
+    hf_dir, prov = lm_eval_run.prepare_export(args, ablate, model, core, meta, tp)
+    if not is_rank0():
+        return []
+    return lm_eval_run.run(args, request, manager, hf_dir, prov, tag, say)
 
 
 def _generation(args, model, manifest: dict, bias, seq: int, device) -> dict:

@@ -10,7 +10,6 @@ Conv1D with ``[in, out]`` weights).
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -173,11 +172,25 @@ def to_hf(full: dict, core: CoreConfig):
 
 
 def export_hf(full: dict, core: CoreConfig, out_dir: Path, tokenizer: Path | None) -> Path:
-    """Write ``save_pretrained`` files (+ the sentencepiece ``tokenizer.model``) to ``out_dir``."""
+    """Write ``save_pretrained`` files to ``out_dir`` and, given the run's sentencepiece model,
+    a tokenizer ``AutoTokenizer`` loads to the same ids (``hf_tokenizer.py``), with its EOS
+    (``<eod>``) and pad ids set in the model and generation configs."""
+    from .hf_tokenizer import TokenizerExportError, special_ids, write_hf_tokenizer
+
     model = to_hf(full, core)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
+        try:
+            ids = special_ids(tokenizer)
+            if ids.vocab_size > core.model.vocab_size:
+                raise ExportError(f"tokenizer {tokenizer} has {ids.vocab_size} pieces but the "
+                                  f"model only {core.model.vocab_size} embeddings")
+            write_hf_tokenizer(tokenizer, out_dir, core.model.seq_length)
+        except TokenizerExportError as exc:
+            raise ExportError(f"tokenizer {tokenizer}: {exc}") from None
+        pad = ids.pad_id if ids.pad_id is not None else ids.eos_id
+        for cfg in (model.config, model.generation_config):
+            cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id = ids.eos_id, pad, None
+    model.save_pretrained(out_dir)
     return out_dir

@@ -33,6 +33,10 @@ def prepare_data(spec: StudySpec, out: Path, log: Log = _log) -> Context:
     if any(m not in LABEL_FREE for m in spec.methods):
         for rate in spec.undiscovered_rates:
             sdata.ensure_rate(base, rate, spec.retain_mode_share, log)
+    if spec.eval.lm_eval_tasks:
+        from ..post.lm_eval_run import ensure_study_tasks
+
+        ensure_study_tasks(base, out / "data" / "lm_eval_tasks", spec.eval.lm_eval_tasks, log)
     manifest = json.loads((base / "manifest.json").read_text())
     tok = manifest["tokenizer"]
     return Context(out=out, base_shards=base, vocab=int(tok["vocab_size"]), eod_id=int(tok["eod_id"]))

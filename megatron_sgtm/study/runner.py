@@ -255,6 +255,11 @@ def eval_stage(spec: StudySpec, ctx: Context, run: RunSpec, trained: dict, log: 
         gen = _generation_rate(spec, ctx, model, bias, shard)
         row["generation_rate"] = gen["rate"]
         write_json(rdir / "generation.json", gen)
+    if ev.lm_eval_tasks:
+        from ..post.lm_eval_run import score_model
+
+        row.update(score_model(model, Path(shard) / "tokenizer.model", rdir, ev.lm_eval_tasks,
+                               ctx.out / "data" / "lm_eval_tasks", ev.lm_eval_limit))
     if spec.attack.enabled and run.kind == "main" and run.method in spec.attack.methods:
         with torch.enable_grad():
             write_json(rdir / "attack.json", _attack(spec, model, shard, evals, log))

@@ -81,6 +81,11 @@ class EvalSpec:
     prompt_tokens: int = 8
     generation_tokens: int = 24
     temperature: float = 1.0
+    # lm-evaluation-harness tasks run on each run's HF export (the optional extra 'eval'):
+    # local ones (`sgtm eval-tasks` names, e.g. sgtm_forget_mc, built from the held-out
+    # splits) or hub ones (wmdp_bio, mmlu; need network). Empty: off.
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: Optional[int] = None
 
 
 @dataclass

@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         "any checkpoint to resume, then runs torchrun --standalone."))
     p.add_argument("--config", required=True, help="experiment YAML (see configs/train/)")
     p.add_argument("--nproc", type=int, default=1,
-                   help="processes on this node (world size = nnodes x nproc), default 1")
+                   help="processes on this node (world size = nnodes x nproc = DP x TP x PP), "
+                        "default 1")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (overrides the config)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes (one `sgtm train` on each)")
     p.add_argument("--rdzv-endpoint", default=None,

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state as ps
 
+from .chunks import ModelChunks
 from .config import ExperimentConfig
+from .pipeline import plain_forward_backward, plain_forward_only
 from .schedule import set_lr, torch_adamw
 
 
@@ -36,7 +38,7 @@ class MegatronMPU:
 
         return dist.get_process_group_ranks(ps.get_data_parallel_group())
 
-    # No pipeline or sequence parallelism in this project.
+    # The DeepSpeed engine runs without pipeline or sequence parallelism (refused at load).
     @staticmethod
     def get_pipeline_model_parallel_world_size():
         return 1
@@ -75,7 +77,11 @@ class DeepSpeedEngine:
         _skip_shm_build()
         import deepspeed
 
-        self.model = model
+        chunks = ModelChunks.of(model)
+        if len(chunks) != 1:
+            raise ValueError("the DeepSpeed engine takes one whole model (no pipeline chunks)")
+        model = chunks[0]
+        self.model = chunks
         self.cfg = cfg
         dp = ps.get_data_parallel_world_size()
         _, self.accum = cfg.batch_plan(dp * ps.get_tensor_model_parallel_world_size())
@@ -87,14 +93,19 @@ class DeepSpeedEngine:
     def zero_grad(self) -> None:
         pass  # DeepSpeed zeroes its gradient partitions after each boundary step
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        # The loop already divided the loss by the accumulation count.
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        # The loss is already divided by the accumulation count; ZeRO reduces the gradients
+        # inside backward and the boundary step.
         self.module.backward(loss, scale_wrt_gas=False)
         if not last:
             self.module.step()  # counts the micro-step; no update off the boundary
 
-    def reduce_grads(self) -> None:
-        pass  # ZeRO reduces inside backward/step
+    def forward_backward(self, builder, micro_batches: list[dict], device) -> torch.Tensor:
+        return plain_forward_backward(self.module, self._backward, builder, micro_batches,
+                                      device)
+
+    def forward_only(self, builder, batches: list[dict], device) -> torch.Tensor:
+        return plain_forward_only(self.module, builder, batches, device)
 
     def step(self, lr: float) -> torch.Tensor:
         set_lr(self.optimizer, lr)

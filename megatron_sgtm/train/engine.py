@@ -10,45 +10,56 @@
   torch AdamW and our TP-aware clip, because megatron's optimizer checks for CUDA tensors.
 - ``engine.name: deepspeed``: ZeRO-1/2 (``deepspeed_engine.py``).
 
-Every engine exposes: ``module`` (call it for the forward), ``model`` (the bare GPTModel),
-``zero_grad()``, ``backward(loss, last)``, ``reduce_grads()``, ``step(lr) -> grad-norm tensor`` and ``optimizer``.
+Every engine exposes: ``model`` (this rank's model chunks, ``ModelChunks``),
+``forward_backward(builder, micro_batches, device) -> step loss``,
+``forward_only(builder, batches, device) -> [loss sum, tokens]``, ``zero_grad()``,
+``step(lr) -> grad-norm tensor`` and ``optimizer``. Losses live on the last pipeline stage.
 """
 from __future__ import annotations
 
 import torch
 
+from .chunks import ModelChunks
 from .config import ExperimentConfig
 from .grads import clip_grads, grad_of
+from .pipeline import ScheduledSteps
 from .schedule import set_lr, torch_adamw
 
 
-def _ddp(model, cfg: ExperimentConfig, distributed_optimizer: bool):
+def _ddp(model, cfg: ExperimentConfig, distributed_optimizer: bool, first_chunk: bool):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.engine.overlap_grad_reduce,
         use_distributed_optimizer=distributed_optimizer)
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    # As megatron's training does: only the first chunk's gradients are bucketed for overlap.
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
+                                   disable_bucketing=not first_chunk)
 
 
 class MegatronEngine:
-    """megatron-core DDP (+ megatron optimizer on GPU, torch AdamW + our clip on CPU)."""
+    """megatron-core DDP and schedules (+ megatron optimizer on GPU, torch AdamW + our clip
+    on CPU)."""
 
     name = "megatron"
 
     def __init__(self, model, cfg: ExperimentConfig):
-        self.model = model
+        self.model = ModelChunks.of(model)
         self.cfg = cfg
         self.on_gpu = torch.cuda.is_available()
         # Our device-side clip everywhere but under the distributed optimizer, whose sharded
         # gradients only megatron's clip can measure.
         self.own_clip = not cfg.engine.distributed_optimizer
-        self.module = _ddp(model, cfg, cfg.engine.distributed_optimizer)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.modules = [_ddp(chunk, cfg, cfg.engine.distributed_optimizer, i == 0)
+                        for i, chunk in enumerate(self.model)]
+        self.module = self.modules[0]
+        self.steps = ScheduledSteps(self.modules, cfg.model.seq_length,
+                                    cfg.train.micro_batch_size, cfg.sequence_parallel)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         if self.on_gpu:
             self.optimizer = self._megatron_optimizer()
         else:
-            self.optimizer = torch_adamw(model, cfg.train)
+            self.optimizer = torch_adamw(self.model, cfg.train)
 
     def _megatron_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -60,29 +71,26 @@ class MegatronEngine:
             clip_grad=0.0 if self.own_clip else t.grad_clip,
             bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=self.cfg.engine.distributed_optimizer)
-        optimizer = get_megatron_optimizer(config, [self.module])
+        optimizer = get_megatron_optimizer(config, self.modules)
         for inner in _torch_optimizers(optimizer):
             _switch_to_fused(inner)
         return optimizer
 
     def zero_grad(self) -> None:
-        self.module.zero_grad_buffer()
+        for module in self.modules:
+            module.zero_grad_buffer()
         if self.on_gpu:
             self.optimizer.zero_grad()
         else:
             for p in self.params:
                 p.grad = None
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        if last:
-            loss.backward()  # with overlap, each bucket's reduction starts as it fills
-            return
-        with self.module.no_sync():  # earlier micro-batches only accumulate
-            loss.backward()
+    def forward_backward(self, builder, micro_batches: list[dict], device) -> torch.Tensor:
+        """The step's gradients, reduced (megatron DDP scales by 1/DP before summing)."""
+        return self.steps.forward_backward(builder, micro_batches, device)
 
-    def reduce_grads(self) -> None:
-        """Data-parallel all-reduce (megatron DDP scales by 1/DP before summing)."""
-        self.module.finish_grad_sync()
+    def forward_only(self, builder, batches: list[dict], device) -> torch.Tensor:
+        return self.steps.forward_only(builder, batches, device)
 
     def step(self, lr: float) -> torch.Tensor:
         if self.on_gpu:
@@ -134,6 +142,7 @@ def _switch_to_fused(optimizer) -> None:
 
 
 def build_engine(model, cfg: ExperimentConfig):
+    """``model``: a model, or this rank's list of pipeline chunks."""
     if cfg.engine.name == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
 

@@ -1,10 +1,12 @@
-"""Gradient norms that respect tensor parallelism, and the forget/retain/joint split of them.
+"""Gradient norms that respect model parallelism, and the forget/retain/joint split of them.
 
 A TP-sharded parameter (``param.tensor_model_parallel``) holds a different slice on every TP
 rank, so its squared norm is summed over the TP group. A replicated one (norms, row-layer
 biases, position embeddings) holds the same values on every TP rank and is counted on TP rank
-0 only. After the data-parallel all-reduce every DP rank holds the same gradients, so nothing
-is reduced over DP.
+0 only. Pipeline stages hold different layers, so squared norms are summed over the whole
+model-parallel group (TP x PP); the last stage's copy of tied embeddings (``param.shared``)
+is not counted, its gradient being the first stage's. After the data-parallel all-reduce every
+DP rank holds the same gradients, so nothing is reduced over DP.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
 
 from ..routing import ablated_roles
 
@@ -33,14 +36,21 @@ def grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     return main if main is not None else param.grad
 
 
+def counts_here(param: torch.nn.Parameter) -> bool:
+    """Whether this rank counts ``param``'s gradient: TP duplicates only on TP rank 0, and the
+    pipeline's second copy of tied embeddings nowhere."""
+    return param_is_not_tensor_parallel_duplicate(param) and param_is_not_shared(param)
+
+
 def counted_params(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    """Parameters whose gradient counts on this rank (TP duplicates only on TP rank 0)."""
-    return [p for p in params if param_is_not_tensor_parallel_duplicate(p)]
+    return [p for p in params if counts_here(p)]
 
 
 def _tp_sum(value: torch.Tensor) -> torch.Tensor:
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(value, group=parallel_state.get_tensor_model_parallel_group())
+    """Sum over the model-parallel group (TP x PP; just TP without pipeline parallelism)."""
+    if parallel_state.get_tensor_model_parallel_world_size() * \
+            parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(value, group=parallel_state.get_model_parallel_group())
     return value
 
 
@@ -79,22 +89,28 @@ class _Entry:
 class PartitionNorms:
     """Gradient norm of theta_forget, theta_retain and theta_joint (SGTM.md section 2).
 
-    Built once from the model and its partition's local (this TP rank's) forget units."""
+    Built once from this rank's model chunks and its partition's local (this TP rank's)
+    forget units."""
 
-    def __init__(self, model, routing) -> None:
+    def __init__(self, chunks, routing) -> None:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         rank = parallel_state.get_tensor_model_parallel_rank()
-        partition = model.partition
+        partition = chunks[0].partition
         local = partition.local(tp, rank)
         forget_roles = ablated_roles(routing.variant)
         masked_edges = RETAIN if routing.mask_embeddings else JOINT
         self.entries: list[_Entry] = []
-        for name, param in model.named_parameters():
-            if not param_is_not_tensor_parallel_duplicate(param):
+        for chunk in chunks:
+            self._add_chunk(chunk, partition, local, forget_roles, masked_edges)
+
+    def _add_chunk(self, chunk, partition, local, forget_roles, masked_edges) -> None:
+        global_layer = [layer.layer_number - 1 for layer in chunk.decoder.layers]
+        for name, param in chunk.named_parameters():
+            if not counts_here(param):
                 continue
             match = _LINEAR.search(name)
             if match:
-                layer = int(match.group(1))
+                layer = global_layer[int(match.group(1))]
                 role = match.group(2) or match.group(3)
                 kind = match.group(4)
                 if role not in forget_roles:

@@ -2,7 +2,8 @@
 
 Loss convention: every micro-batch contributes the mean over its positions divided by the
 accumulation count, and the data-parallel reduction averages, so one optimizer step sees the
-mean over the global batch whatever the DP x accumulation split.
+mean over the global batch whatever the DP x accumulation split. The engine runs the
+micro-batches (``pipeline.py``: megatron-core's schedules for the megatron engine).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..configbase import config_to_dict
-from ..routing import route
 from ..transfer import compute_device
 from . import io
 from .batches import InputBuilder
@@ -52,13 +52,9 @@ def evaluate(engine, cfg: ExperimentConfig, builder: InputBuilder, dp_rank: int,
         batches = io.eval_batches(cfg, split, dp_rank, dp_size)
         if batches is None:
             continue
-        total = torch.zeros(2, dtype=torch.float64, device=compute_device())
-        for batch in batches:
-            inputs = builder(batch)
-            token_loss = model(inputs.tokens, inputs.position_ids, None, labels=inputs.targets)
-            total += torch.stack([token_loss.double().sum(),
-                                  torch.tensor(float(token_loss.numel()), dtype=torch.float64,
-                                               device=total.device)])
+        total = engine.forward_only(builder, list(batches), compute_device())
+        if ps.get_pipeline_model_parallel_world_size() > 1:  # the loss is on the last stage
+            dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
         if ps.get_data_parallel_world_size() > 1:
             dist.all_reduce(total, group=ps.get_data_parallel_group())
         if total[1] > 0:
@@ -69,20 +65,11 @@ def evaluate(engine, cfg: ExperimentConfig, builder: InputBuilder, dp_rank: int,
 
 def accumulate_grads(engine, builder: InputBuilder, micro_batches: list[dict],
                      device: torch.device) -> torch.Tensor:
-    """Forward and backward every micro-batch of one step under its routing, then reduce the
-    gradients over data parallelism. Returns this rank's step loss, still on the device."""
+    """Forward and backward every micro-batch of one step under its routing, and reduce the
+    gradients over data parallelism (and pipeline / sequence-parallel copies). Returns this
+    rank's step loss, still on the device (zero off the last pipeline stage)."""
     engine.zero_grad()
-    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-    for micro, batch in enumerate(micro_batches):
-        inputs = builder(batch)
-        with route(inputs.routing_labels, device=device):
-            token_loss = engine.module(inputs.tokens, inputs.position_ids, None,
-                                       labels=inputs.targets)
-        loss = builder.loss(token_loss, inputs) / len(micro_batches)
-        engine.backward(loss, last=micro == len(micro_batches) - 1)
-        loss_sum += loss.detach()
-    engine.reduce_grads()
-    return loss_sum
+    return engine.forward_backward(builder, micro_batches, device)
 
 
 def train(cfg: ExperimentConfig, guard: Optional[RunGuard] = None) -> TrainResult:
@@ -97,12 +84,13 @@ def train(cfg: ExperimentConfig, guard: Optional[RunGuard] = None) -> TrainResul
 
     manifest = io.check_data(cfg)
     batches = io.train_batches(cfg, dp_rank, dp_size)
-    from ..model import build_model
+    from ..model import build_model_chunks
 
     check_device(cfg, device.type == "cuda")
-    model = build_model(cfg.core)
-    compiled = compile_model(model, cfg.train, device)
-    engine = build_engine(model, cfg)
+    chunks = build_model_chunks(cfg.core)
+    compiled = any([compile_model(chunk, cfg.train, device) for chunk in chunks])
+    engine = build_engine(chunks, cfg)
+    model = engine.model
     builder = InputBuilder(cfg, device, io.control_ids(manifest, cfg))
     counters = LabelCounters()
     part_norms = PartitionNorms(model, cfg.routing) if engine.name == "megatron" and \
@@ -126,7 +114,9 @@ def train(cfg: ExperimentConfig, guard: Optional[RunGuard] = None) -> TrainResul
         sink.message(f"resumed from step {step}")
     if compiled:
         sink.message(f"torch.compile ({cfg.train.compile_backend}): the first steps compile")
-    watch = LossWatch(ps.get_data_parallel_group(), dp_size, cfg.checkpoint.dir)
+    watch = LossWatch(ps.get_data_parallel_group(), dp_size, cfg.checkpoint.dir,
+                      ps.get_pipeline_model_parallel_group()
+                      if ps.get_pipeline_model_parallel_world_size() > 1 else None)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     iterator = iter(batches)
     model.train()

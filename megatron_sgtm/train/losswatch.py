@@ -21,8 +21,12 @@ from .errors import NonFiniteLoss
 
 
 class LossWatch:
-    def __init__(self, dp_group=None, dp_size: int = 1, checkpoint_dir: str = "") -> None:
+    def __init__(self, dp_group=None, dp_size: int = 1, checkpoint_dir: str = "",
+                 pp_group=None) -> None:
         self.dp_group = dp_group
+        # Under pipeline parallelism only the last stage holds the loss (zero elsewhere):
+        # a sum over the pipeline group gives every stage the value.
+        self.pp_group = pp_group
         self.dp_size = dp_size
         self.checkpoint_dir = checkpoint_dir
         self._steps: list[int] = []
@@ -41,6 +45,8 @@ class LossWatch:
         if not self._losses:
             return []
         stacked = torch.stack(self._losses).float()
+        if self.pp_group is not None:
+            dist.all_reduce(stacked, group=self.pp_group)
         if self.dp_size > 1:
             dist.all_reduce(stacked, group=self.dp_group)
             stacked = stacked / self.dp_size
