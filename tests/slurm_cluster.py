@@ -137,7 +137,7 @@ ReturnToService=2
 SchedulerParameters=sched_interval=2
 MinJobAge=600
 KillWait=10
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=4000 State=UNKNOWN
 PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 """)
 

@@ -26,7 +26,7 @@ import torch
 from _workers_train import losses
 from test_train_resume import logged_step  # the last step in a run's metrics.jsonl
 from megatron_sgtm.data.testing import write_sample_shards
-from slurm_cluster import SlurmCluster, free_port, unavailable_reason
+from slurm_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "train" / "tiny_cpu.yaml")
@@ -284,14 +284,10 @@ def test_a_hung_rank_ends_the_job_with_a_clear_error(shards, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    c = SlurmCluster().start()
-    c.env = env(SLURM_CONF=c.env["SLURM_CONF"])
-    yield c
-    c.remove()
+def cluster(slurm_cluster):
+    """The suite's cluster, its client environment with this checkout's `sgtm` on PATH."""
+    slurm_cluster.env = env(SLURM_CONF=slurm_cluster.env["SLURM_CONF"])
+    return slurm_cluster
 
 
 def job_log(path: Path) -> str:
