@@ -59,41 +59,20 @@ def test_array_script_runs_one_task(tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("error: SLURM_ARRAY_TASK_ID is not set")
 
 
-@pytest.fixture
-def slurm_env(request, tmp_path):
-    """The suite's ``slurm_cluster`` fixture when it has one, else this file's own helper."""
-    try:
-        cluster = request.getfixturevalue("slurm_cluster")
-        yield dict(cluster.env)
-        return
-    except pytest.FixtureLookupError:
-        pass
-    from prep_slurm_cluster import OneNodeSlurm, unavailable
-
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    cluster = OneNodeSlurm().start()
-    try:
-        yield dict(cluster.env)
-    finally:
-        cluster.stop()
-
-
 @pytest.mark.slow
-def test_real_array_run_equals_local(corpus, slurm_env, tmp_path):
-    from prep_slurm_cluster import wait_jobs
-
+def test_real_array_run_equals_local(corpus, slurm_cluster, tmp_path):
     recipe, local = corpus
     out = tmp_path / "out"
-    env = dict(slurm_env, PATH=os.pathsep.join([str(Path(sys.executable).parent), slurm_env["PATH"]]))
+    env = dict(slurm_cluster.env,
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), slurm_cluster.env["PATH"]]))
     res = subprocess.run([sys.executable, "-m", "data_prep", "--recipe", str(recipe), "--out", str(out),
                           "--no-progress", "--executor", "slurm", "--shards-per-task", "2",
                           "--sbatch-arg=--mem=200M", *RECIPE_OVERRIDES],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = json.loads(res.stdout.strip().splitlines()[-1])
-    states = wait_jobs(env, [jobs["array_job"], jobs["reduce_job"]])
+    states = {job: [r.get("JobState") for r in slurm_cluster.wait(job)]
+              for job in (jobs["array_job"], jobs["reduce_job"])}
     logs = "\n".join(p.read_text(errors="replace")[-1500:] for p in tmp_path.glob("sgtm-prep-*.out"))
     assert all(s == "COMPLETED" for v in states.values() for s in v), f"{states}\n{logs}"
     assert len(states[jobs["array_job"]]) == math.ceil(jobs["shards"] / 2)

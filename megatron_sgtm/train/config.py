@@ -148,6 +148,46 @@ class EngineConfig:
         return out
 
 
+# Signals a run may treat as "save and stop" (SIGKILL and SIGSTOP cannot be caught).
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+@dataclass
+class ResilienceConfig:
+    """Preemption, hangs and concurrent writers (see megatron_sgtm/train/README.md)."""
+
+    # On one of these signals every rank finishes its step, a checkpoint is saved and the run
+    # exits 75; match `#SBATCH --signal=USR1@120`. Names with or without the SIG prefix.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Steps between the all-rank agreement to stop (one two-integer all-reduce per check).
+    stop_check_every: int = 1
+    # How long a launcher waits for its workers to finish the step and save before SIGKILL.
+    stop_grace_s: float = 300.0
+    # A rank with no training progress for this long ends the job with exit 4; 0: never.
+    # It must exceed the slowest step, evaluation and checkpoint save (compiling included).
+    hang_timeout_s: float = 1800.0
+    # The checkpoint.dir lock: heartbeat period, and the heartbeat age after which a holder
+    # on another host counts as dead (a holder on this host is checked by its PID).
+    lock_heartbeat_s: float = 10.0
+    lock_stale_s: float = 60.0
+
+    def signal_names(self) -> list[str]:
+        return [s.upper() if s.upper().startswith("SIG") else f"SIG{s.upper()}"
+                for s in self.preempt_signals]
+
+    def problems(self) -> list[str]:
+        out = [f"preempt_signals: {name} cannot be used (choose from {', '.join(PREEMPT_SIGNALS)})"
+               for name in self.signal_names() if name not in PREEMPT_SIGNALS]
+        if self.stop_check_every <= 0:
+            out.append(f"stop_check_every: must be positive, got {self.stop_check_every}")
+        if self.stop_grace_s <= 0 or self.hang_timeout_s < 0:
+            out.append("stop_grace_s must be > 0 and hang_timeout_s >= 0")
+        if self.lock_heartbeat_s <= 0 or self.lock_stale_s < 2 * self.lock_heartbeat_s:
+            out.append(f"need lock_heartbeat_s > 0 and lock_stale_s >= 2 x lock_heartbeat_s, got "
+                       f"{self.lock_heartbeat_s} and {self.lock_stale_s}")
+        return out
+
+
 @dataclass
 class ExperimentConfig(CoreConfig):
     """CoreConfig (model, partition, routing, tensor_parallel) plus how to train it."""
@@ -157,6 +197,7 @@ class ExperimentConfig(CoreConfig):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     @property
     def core(self) -> CoreConfig:
@@ -242,4 +283,4 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
 
 
 __all__ = ["ConfigError", "ExperimentConfig", "DataConfig", "TrainConfig", "CheckpointConfig",
-           "LoggingConfig", "EngineConfig", "ROUTING_OF", "load_experiment", "experiment_dict"]
+           "LoggingConfig", "EngineConfig", "ResilienceConfig", "ROUTING_OF", "load_experiment", "experiment_dict"]

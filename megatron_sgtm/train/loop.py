@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from .engine import build_engine
 from .errors import NonFiniteLoss, TrainError
 from .fastpath import check_device, compile_model
 from .grads import PartitionNorms
+from .guard import RunGuard
 from .losswatch import LossWatch
 from .metrics import LabelCounters, MetricsSink
 from .schedule import lr_at
@@ -34,6 +36,8 @@ class TrainResult:
     tokens_seen: int
     last_loss: float
     eval: dict
+    stopped_by: Optional[str] = None  # the preempt signal that ended the run early
+    already_complete: bool = False  # the checkpoint had reached train.steps: nothing trained
 
 
 @torch.no_grad()
@@ -68,8 +72,10 @@ def accumulate_grads(engine, builder: InputBuilder, micro_batches: list[dict],
     return engine.forward_backward(builder, micro_batches, device)
 
 
-def train(cfg: ExperimentConfig) -> TrainResult:
-    """Train under an initialised process group (see ``run.main``)."""
+def train(cfg: ExperimentConfig, guard: Optional[RunGuard] = None) -> TrainResult:
+    """Train under an initialised process group (see ``run.main``, which passes the guard:
+    checkpoint.dir lock, preempt signals, hang watchdog; without one none of them acts)."""
+    guard = guard or RunGuard.inactive()
     world = dist.get_world_size()
     dp_size, accum = cfg.batch_plan(world)
     dp_rank = ps.get_data_parallel_rank()
@@ -94,6 +100,10 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     extra = io.resume(cfg, engine)
     if extra is not None:
         step, tokens_seen = int(extra["step"]), int(extra["tokens_seen"])
+        if step >= cfg.train.steps:  # finished before: report the stored metrics, train nothing
+            done = extra.get("metrics") or {}
+            return TrainResult(step, tokens_seen, done.get("loss", float("nan")),
+                               done.get("eval") or {}, already_complete=True)
         batches.load_state_dict(extra["data"])
         counters.load_state_dict(extra["counters"])
 
@@ -114,6 +124,7 @@ def train(cfg: ExperimentConfig) -> TrainResult:
     t_log, tok_log = time.perf_counter(), tokens_seen
     try:
         while step < cfg.train.steps:
+            guard.beat(step)
             lr = lr_at(step, cfg.train)
             micro_batches = [next(iterator) for _ in range(accum)]
             for batch in micro_batches:
@@ -128,8 +139,9 @@ def train(cfg: ExperimentConfig) -> TrainResult:
             watch.add(step, loss_sum)
             eval_now = step == cfg.train.steps or (cfg.train.eval_every
                                                    and step % cfg.train.eval_every == 0)
-            save_now = step == cfg.train.steps or (cfg.checkpoint.save_every
-                                                   and step % cfg.checkpoint.save_every == 0)
+            stop = step < cfg.train.steps and guard.should_stop(step)  # collective
+            save_now = stop or step == cfg.train.steps or (cfg.checkpoint.save_every
+                                                           and step % cfg.checkpoint.save_every == 0)
             if log_now or eval_now or save_now:
                 since_log += watch.read()
                 last_loss = watch.last
@@ -144,16 +156,22 @@ def train(cfg: ExperimentConfig) -> TrainResult:
                 t_log, tok_log, since_log = now, tokens_seen, []
                 sink.log(record)
             if eval_now and cfg.data.eval_batches:
+                guard.beat(step, "evaluating")
                 eval_out = evaluate(engine, cfg, builder, dp_rank, dp_size)
                 if eval_out:
                     sink.log({"step": step, **eval_out})
             if save_now and cfg.checkpoint.dir:
-                io.save(cfg, step, engine, {
-                    "step": step, "tokens_seen": tokens_seen, "data": batches.state_dict(),
-                    "counters": counters.state_dict(), "manifest": io.manifest_summary(manifest)})
+                with guard.saving(step):
+                    io.save(cfg, step, engine, {
+                        "step": step, "tokens_seen": tokens_seen, "data": batches.state_dict(),
+                        "counters": counters.state_dict(), "manifest": io.manifest_summary(manifest),
+                        "metrics": {"loss": last_loss, "eval": eval_out}})
+            if stop:
+                break
     finally:
         sink.close()
-    return TrainResult(step=step, tokens_seen=tokens_seen, last_loss=last_loss, eval=eval_out)
+    return TrainResult(step=step, tokens_seen=tokens_seen, last_loss=last_loss, eval=eval_out,
+                       stopped_by=guard.stop_signal_name)
 
 
 __all__ = ["train", "evaluate", "accumulate_grads", "TrainResult", "TrainError", "NonFiniteLoss"]

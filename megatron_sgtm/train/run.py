@@ -8,7 +8,7 @@ import traceback
 
 from ..configbase import ConfigError
 from .config import load_experiment
-from .errors import TrainError
+from .errors import EXIT_PREEMPTED, TrainError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,14 +32,26 @@ def _deterministic(threads: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: end with it (parentdeath.py)
+        from .parentdeath import die_with_parent, helpers_die_with_me
+
+        die_with_parent()
+        helpers_die_with_me()
     try:
         cfg = load_experiment(args.config, args.overrides)
     except ConfigError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .guard import RunGuard, stop_request
+    from .preempt import signal_name
+
+    stop = stop_request(cfg, rank)  # before the slow imports: a signal then is not fatal
     _deterministic(cfg.train.threads)
+    import torch.distributed as dist
+
     from ..parallel import destroy_parallel, init_parallel
+    from .completion import complete_message
     from .loop import train
 
     try:
@@ -47,14 +59,36 @@ def main(argv: list[str] | None = None) -> int:
             init_parallel(cfg.tensor_parallel, cfg.train.seed,
                           pipeline_parallel=cfg.pipeline_parallel,
                           virtual_pipeline_parallel=cfg.virtual_pipeline_parallel)
-            result = train(cfg)
+            with RunGuard.open(cfg, dist.get_rank(), stop) as guard:
+                result = train(cfg, guard)
         except (TrainError, ConfigError) as exc:
             if rank == 0:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return getattr(exc, "exit_code", 2)
-        except Exception:
+        except Exception as exc:
+            if stop.signum is not None:
+                # Asked to stop, and a collective failed: a peer is gone (torchrun stops the
+                # survivors this way before a restart). The traceback would only be noise.
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                print(f"rank {rank}: stopped by {signal_name(stop.signum)} with a peer gone "
+                      f"({first[:200]})", file=sys.stderr, flush=True)
+                return 1
             traceback.print_exc()
             return 1
+        if result.already_complete:
+            if rank == 0:
+                print(complete_message(result.step, cfg.train.steps,
+                                       {"loss": result.last_loss, "eval": result.eval},
+                                       cfg.checkpoint.dir), flush=True)
+            return 0
+        if result.stopped_by:
+            if rank == 0:
+                saved = (f"checkpoint step {result.step} saved in {cfg.checkpoint.dir}"
+                         if cfg.checkpoint.dir else "nothing saved (checkpoint.dir is empty)")
+                print(f"preempted: {result.stopped_by} at step {result.step} of "
+                      f"{cfg.train.steps}; {saved}; exit {EXIT_PREEMPTED} (run again, or "
+                      "requeue, to continue)", flush=True)
+            return EXIT_PREEMPTED
         if rank == 0:
             evals = " ".join(f"{k}={v:.4f}" for k, v in result.eval.items())
             print(f"done: step {result.step}, {result.tokens_seen} tokens, "
