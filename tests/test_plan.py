@@ -252,6 +252,7 @@ def _cpu_layout(tp: int, world: int = 2) -> Layout:
     return replace(BASE, tp=tp, dp=world // tp, micro_batch=MICRO_BATCH, params_dtype="fp32")
 
 
+@pytest.mark.slow  # one spawn of two ranks importing megatron-core: ~15-30 s on 2 cores
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_real_model_memory_equals_the_plan(measured, family, tp):
