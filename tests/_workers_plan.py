@@ -25,7 +25,7 @@ MICRO_BATCH = 4
 SEQ_LABELS = [2, 1, 0, 2]
 
 
-def experiment(family: str, tp: int):
+def experiment(family: str, tp: int, sp: bool = False):
     from megatron_sgtm.configbase import config_from_dict
     from megatron_sgtm.train.config import ExperimentConfig
 
@@ -33,6 +33,7 @@ def experiment(family: str, tp: int):
         "model": {**FAMILIES[family], "params_dtype": "fp32"},
         "partition": {"forget_heads": 2, "forget_mlp_units": 8},
         "tensor_parallel": tp,
+        "sequence_parallel": sp,
         "data": {"dir": "unused", "method": "sgtm"},
         "train": {"micro_batch_size": MICRO_BATCH, "global_batch_size": MICRO_BATCH * 2},
     })
@@ -52,12 +53,12 @@ def _saved_bytes(run, exclude: set[int]) -> int:
     return sum(storages.values()), out
 
 
-def measure(family: str, tp: int) -> dict:
+def measure(family: str, tp: int, sp: bool) -> dict:
     from megatron_sgtm.model import build_model
     from megatron_sgtm.routing import route
     from megatron_sgtm.train.engine import build_engine
 
-    cfg = experiment(family, tp)
+    cfg = experiment(family, tp, sp)
     torch.manual_seed(0)
     model = build_model(cfg.core)
     engine = build_engine(model, cfg)
@@ -69,9 +70,14 @@ def measure(family: str, tp: int) -> dict:
     positions = torch.arange(s).expand(b, s).contiguous()  # as train.batches builds them
     labels = torch.tensor(SEQ_LABELS).unsqueeze(1).expand(b, s).contiguous()
 
+    from megatron.core import parallel_state
+
+    # Under sequence parallelism norms and the embedding hook read this rank's slice.
+    shard = (parallel_state.get_tensor_model_parallel_rank(), tp) if sp else None
+
     def forward(use_spans: bool, token_labels: torch.Tensor):
         def run():
-            with route(token_labels, use_spans=use_spans):
+            with route(token_labels, use_spans=use_spans, sequence_shard=shard):
                 return engine.module(inputs, positions, None, labels=targets)
         return run
 
@@ -98,7 +104,8 @@ def measure(family: str, tp: int) -> dict:
 
 
 def measure_all(rank: int, world_size: int) -> dict:
-    """TP = world_size first, then TP = 1 (data-parallel over the same ranks)."""
+    """TP = world_size without and with sequence parallelism, then TP = 1 (data-parallel over
+    the same ranks)."""
     from megatron.core import parallel_state
 
     from megatron_sgtm.parallel import init_parallel
@@ -107,6 +114,7 @@ def measure_all(rank: int, world_size: int) -> dict:
     for tp in sorted({world_size, 1}, reverse=True):
         init_parallel(tp, seed=1234)
         for family in FAMILIES:
-            out[(family, tp)] = measure(family, tp)
+            for sp in ((False, True) if tp > 1 else (False,)):
+                out[(family, tp, sp)] = measure(family, tp, sp)
         parallel_state.destroy_model_parallel()
     return out

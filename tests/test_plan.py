@@ -3,10 +3,11 @@
 - Hand arithmetic: the large configs' parameter counts (and Llama 3's published ones for the
   same shapes), the 8B layout's bytes term by term, Korthikanti et al.'s activation formulas,
   megatron's pipeline schedules and optimizer-state sizes.
-- A real built model on CPU (one spawn of two gloo ranks, at TP 2 then TP 1): parameter,
-  gradient-buffer and Adam-state bytes must equal the plan's exactly, and the bytes autograd
-  saved for backward in one forward must equal the plan's block, embedding and loss terms
-  exactly for label-homogeneous sequences (how `sgtm train` packs them).
+- A real built model on CPU (one spawn of two gloo ranks: TP 2 without and with sequence
+  parallelism, then TP 1): parameter, gradient-buffer and Adam-state bytes must equal the
+  plan's exactly, and the bytes autograd saved for backward in one forward must equal the
+  plan's block, embedding and loss terms exactly for label-homogeneous sequences (how
+  `sgtm train` packs them).
 """
 from __future__ import annotations
 
@@ -244,7 +245,7 @@ def test_console_script_from_another_folder(tmp_path):
 # ------------------------------------------------------------- a real model's memory on CPU
 @pytest.fixture(scope="module")
 def measured():
-    """Rank 0's measurements at TP 2 and at TP 1 (DP 2), both families."""
+    """Rank 0's measurements at TP 2 (with and without SP) and at TP 1 (DP 2), both families."""
     return run_distributed(measure_all, 2)[0]
 
 
@@ -254,11 +255,11 @@ def _cpu_layout(tp: int, world: int = 2) -> Layout:
 
 @pytest.mark.slow  # one spawn of two ranks importing megatron-core: ~15-30 s on 2 cores
 @pytest.mark.parametrize("family", ["gpt", "llama"])
-@pytest.mark.parametrize("tp", [1, 2])
-def test_real_model_memory_equals_the_plan(measured, family, tp):
-    got = measured[(family, tp)]
-    model = experiment(family, tp).model
-    st = plan_stage(model, _cpu_layout(tp), 0)
+@pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (2, True)])
+def test_real_model_memory_equals_the_plan(measured, family, tp, sp):
+    got = measured[(family, tp, sp)]
+    model = experiment(family, tp, sp).model
+    st = plan_stage(model, replace(_cpu_layout(tp), sp=sp), 0)
     # Parameters, DDP's fp32 gradient buffer and Adam's two moments (the CPU engine's torch
     # AdamW keeps no fp32 main copy of fp32 weights): exact.
     assert (got["params"], got["weight_bytes"], got["grad_bytes"], got["optimizer_bytes"]) == (
@@ -267,7 +268,7 @@ def test_real_model_memory_equals_the_plan(measured, family, tp):
     # rms_norm is its composite, which also saves the fp32 normalised input (one h-wide
     # tensor per norm: 2 per block and the final one); CUDA's fused kernel saves only the
     # input and 1/rms, as the plan counts.
-    tokens = MICRO_BATCH * model.seq_length
+    tokens = MICRO_BATCH * model.seq_length // (tp if sp else 1)
     composite_rms = (2 * model.num_layers + 1) * 4 * tokens * model.hidden_size \
         if model.normalization == "RMSNorm" else 0
     expected = st.activations + st.extras + composite_rms
