@@ -244,7 +244,7 @@ def test_console_script_from_another_folder(tmp_path):
 
 # ------------------------------------------------------------- a real model's memory on CPU
 @pytest.fixture(scope="module")
-def measured():
+def measured():  # one spawn of two ranks: ~6 s on a quiet 2-core machine
     """Rank 0's measurements at TP 2 (with and without SP) and at TP 1 (DP 2), both families."""
     return run_distributed(measure_all, 2)[0]
 
@@ -253,7 +253,6 @@ def _cpu_layout(tp: int, world: int = 2) -> Layout:
     return replace(BASE, tp=tp, dp=world // tp, micro_batch=MICRO_BATCH, params_dtype="fp32")
 
 
-@pytest.mark.slow  # one spawn of two ranks importing megatron-core: ~15-30 s on 2 cores
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (2, True)])
 def test_real_model_memory_equals_the_plan(measured, family, tp, sp):
