@@ -25,15 +25,21 @@ MICRO_BATCH = 4
 SEQ_LABELS = [2, 1, 0, 2]
 
 
-def experiment(family: str, tp: int, sp: bool = False):
+def experiment(family: str, tp: int, sp: bool = False, pp: int = 1, vp: int | None = None,
+               num_layers: int | None = None):
     from megatron_sgtm.configbase import config_from_dict
     from megatron_sgtm.train.config import ExperimentConfig
 
+    model = {**FAMILIES[family], "params_dtype": "fp32"}
+    if num_layers is not None:
+        model["num_layers"] = num_layers
     return config_from_dict(ExperimentConfig, {
-        "model": {**FAMILIES[family], "params_dtype": "fp32"},
+        "model": model,
         "partition": {"forget_heads": 2, "forget_mlp_units": 8},
         "tensor_parallel": tp,
         "sequence_parallel": sp,
+        "pipeline_parallel": pp,
+        "virtual_pipeline_parallel": vp,
         "data": {"dir": "unused", "method": "sgtm"},
         "train": {"micro_batch_size": MICRO_BATCH, "global_batch_size": MICRO_BATCH * 2},
     })
@@ -87,8 +93,9 @@ def measure(family: str, tp: int, sp: bool) -> dict:
     saved_mixed, _ = _saved_bytes(forward(False, mixed), params)
     saved, token_loss = _saved_bytes(forward(True, labels), params)
     engine.zero_grad()
-    engine.backward(token_loss.mean(), last=True)
-    engine.reduce_grads()
+    token_loss.mean().backward()
+    for module in engine.modules:   # DDP's data-parallel reduction of the gradient buffers
+        module.finish_grad_sync()
     engine.step(1e-3)
     optimizer_state = sum(t.numel() * t.element_size() for state in engine.optimizer.state.values()
                           for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
@@ -96,16 +103,29 @@ def measure(family: str, tp: int, sp: bool) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "grad_bytes": sum(buf.grad_data.numel() * buf.grad_data.element_size()
-                          for buf in engine.module.buffers + engine.module.expert_parallel_buffers),
+                          for module in engine.modules
+                          for buf in module.buffers + module.expert_parallel_buffers),
         "optimizer_bytes": optimizer_state,
         "saved_bytes": saved,
         "saved_bytes_per_token_labels": saved_mixed,
     }
 
 
+# Pipeline layouts whose per-stage parameters are counted: (family, PP, VP, layers).
+PIPELINES = [("gpt", 2, None, 2), ("llama", 2, None, 2), ("gpt", 2, 2, 4)]
+
+
+def stage_parameters(family: str, pp: int, vp: int | None, num_layers: int) -> int:
+    """Parameters this rank's model chunks hold (its pipeline stage)."""
+    from megatron_sgtm.model import build_model_chunks
+
+    cfg = experiment(family, 1, pp=pp, vp=vp, num_layers=num_layers)
+    return sum(p.numel() for chunk in build_model_chunks(cfg.core) for p in chunk.parameters())
+
+
 def measure_all(rank: int, world_size: int) -> dict:
     """TP = world_size without and with sequence parallelism, then TP = 1 (data-parallel over
-    the same ranks)."""
+    the same ranks); then each pipeline layout's parameters on this rank's stage."""
     from megatron.core import parallel_state
 
     from megatron_sgtm.parallel import init_parallel
@@ -116,5 +136,10 @@ def measure_all(rank: int, world_size: int) -> dict:
         for family in FAMILIES:
             for sp in ((False, True) if tp > 1 else (False,)):
                 out[(family, tp, sp)] = measure(family, tp, sp)
+        parallel_state.destroy_model_parallel()
+    for family, pp, vp, num_layers in PIPELINES:
+        init_parallel(1, seed=1234, pipeline_parallel=pp, virtual_pipeline_parallel=vp)
+        out[("stage", family, pp, vp)] = (parallel_state.get_pipeline_model_parallel_rank(),
+                                          stage_parameters(family, pp, vp, num_layers))
         parallel_state.destroy_model_parallel()
     return out

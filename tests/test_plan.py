@@ -7,7 +7,7 @@
   parallelism, then TP 1): parameter, gradient-buffer and Adam-state bytes must equal the
   plan's exactly, and the bytes autograd saved for backward in one forward must equal the
   plan's block, embedding and loss terms exactly for label-homogeneous sequences (how
-  `sgtm train` packs them).
+  `sgtm train` packs them); pipeline stages (PP 2, PP 2 x VP 2) hold the planned parameters.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from _workers_plan import MICRO_BATCH, experiment, measure_all
+from _workers_plan import MICRO_BATCH, PIPELINES, experiment, measure_all
 from distributed import run_distributed
 
 from megatron_sgtm.config import ModelConfig
@@ -245,8 +245,8 @@ def test_console_script_from_another_folder(tmp_path):
 # ------------------------------------------------------------- a real model's memory on CPU
 @pytest.fixture(scope="module")
 def measured():  # one spawn of two ranks: ~6 s on a quiet 2-core machine
-    """Rank 0's measurements at TP 2 (with and without SP) and at TP 1 (DP 2), both families."""
-    return run_distributed(measure_all, 2)[0]
+    """Both ranks' measurements: TP 2 (with and without SP), TP 1 (DP 2), pipeline stages."""
+    return run_distributed(measure_all, 2)
 
 
 def _cpu_layout(tp: int, world: int = 2) -> Layout:
@@ -256,7 +256,7 @@ def _cpu_layout(tp: int, world: int = 2) -> Layout:
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (2, True)])
 def test_real_model_memory_equals_the_plan(measured, family, tp, sp):
-    got = measured[(family, tp, sp)]
+    got = measured[0][(family, tp, sp)]
     model = experiment(family, tp, sp).model
     st = plan_stage(model, replace(_cpu_layout(tp), sp=sp), 0)
     # Parameters, DDP's fp32 gradient buffer and Adam's two moments (the CPU engine's torch
@@ -275,3 +275,15 @@ def test_real_model_memory_equals_the_plan(measured, family, tp, sp):
     # Labels mixed inside sequences (which `sgtm train`'s packing never produces) take the
     # per-token path: its retain-path gates and int64 token indices add a few percent.
     assert expected < got["saved_bytes_per_token_labels"] <= 1.10 * expected
+
+
+@pytest.mark.parametrize("family, pp, vp, num_layers", PIPELINES)
+def test_real_pipeline_stages_hold_the_planned_parameters(measured, family, pp, vp, num_layers):
+    """Built as megatron splits them (`build_model_chunks`): the first stage's chunks hold the
+    embeddings, the last stage's the final norm and the output layer (a copy when tied)."""
+    model = experiment(family, 1, pp=pp, vp=vp, num_layers=num_layers).model
+    got = dict(rank[("stage", family, pp, vp)] for rank in measured)
+    layout = replace(BASE, pp=pp, vp=vp, micro_batches=pp, params_dtype="fp32")
+    assert got == {r: stage_params(model, layout, r) for r in range(pp)}
+    if model.tie_embeddings:
+        assert sum(got.values()) == model_params(model) + model.vocab_size * model.hidden_size
