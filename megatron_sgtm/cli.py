@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "prep": ("data_prep.cli", "build training shards from a data recipe"),
     "train": ("megatron_sgtm.train.cli", "pretrain with SGTM / baselines (torchrun, DP x TP)"),
+    "plan": ("megatron_sgtm.plan_cli", "per-GPU memory estimate of a training config"),
     "ablate": ("megatron_sgtm.post.ablate_cli", "zero or prune theta_forget in a checkpoint"),
     "eval": ("megatron_sgtm.post.eval_cli", "calibrated losses per split, generation rate"),
     "eval-tasks": ("megatron_sgtm.post.eval_tasks_cli", "local lm-eval tasks from a prep output"),
