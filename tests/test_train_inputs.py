@@ -35,7 +35,8 @@ def test_dry_run_prints_the_torchrun_command(capsys, shards, tmp_path):
                                 f"checkpoint.dir={tmp_path / 'ck'}")
     assert code == 0, err
     assert out.startswith("+ ")
-    assert "torch.distributed.run --standalone --nproc-per-node=2 -m megatron_sgtm.train" in out
+    assert out.startswith("+ torchrun --standalone --nproc-per-node=2 --max-restarts=0 ")
+    assert " -m megatron_sgtm.train " in out
     assert f"--config {TINY}" in out and out.rstrip().endswith("tensor_parallel=2")
 
 
