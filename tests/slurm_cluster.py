@@ -230,6 +230,13 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         raise TimeoutError(f"job {job_id} not finished after {timeout} s: "
                            f"{[r.get('JobState') for r in records]}\n{self.log_tail('slurmctld')}")
 
+    @staticmethod
+    def describe(record: dict) -> str:
+        """The fields of a job record that say why it ended, for assertion messages."""
+        keys = ("JobId", "JobState", "Reason", "ExitCode", "Restarts", "Requeue", "BatchFlag",
+                "RunTime", "StartTime", "EndTime")
+        return " ".join(f"{k}={record.get(k)}" for k in keys)
+
     def release_requeued(self, job_id: str, timeout: float = 300) -> dict:
         """Wait until ``job_id`` is back in the queue after a requeue, then let it start now.
 
