@@ -106,6 +106,7 @@ def test_relabelled_shards_are_cached_per_rate_and_share(tmp_path):
     ("methods:\n  x: {method: magic}\n", "methods.x.method: 'magic'"),
     ("methods: [sgtm, magic]\n", "methods[1]: 'magic'"),
     ("methods: [sgtm, sgtm]\n", "methods: duplicate"),
+    ("methods:\n  no_filter: {method: sgtm}\n", "methods.no_filter.method"),
     ("attack: {methods: [sgtm_me]}\n", "attack.methods: 'sgtm_me'"),
 ])
 def test_bad_method_entries_are_one_error_naming_the_key(tmp_path, text, key):

@@ -93,6 +93,10 @@ def entry_problems(methods) -> list[str]:
             out.append(f"{where}.method: required, as {name!r} is not a base method "
                        f"(one of {', '.join(BASE_METHODS)})")
             continue
+        if name in BASE_METHODS and base != name:
+            out.append(f"{where}.method: an entry named after base method {name} must be "
+                       f"{name}, not {base}")
+            continue
         if entry.variant != "default" and base != "sgtm":
             out.append(f"{where}.variant: {entry.variant!r} applies to method sgtm only, "
                        f"not {base}")
