@@ -30,6 +30,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _shape(tp: Any) -> Any:
+    """The Python container a YAML value of type ``tp`` arrives as (None: a scalar)."""
+    origin = get_origin(tp)
+    if origin in (list, tuple):
+        return (list, tuple)
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return dict
+    return None
+
+
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -43,6 +53,11 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             out = _coerce(value, option, where, trial)
             if not trial:
                 return out
+        # A value shaped like exactly one option (a mapping, a list) gets that option's own,
+        # precise problems rather than a bare "is not X or Y".
+        shaped = [o for o in options if _shape(o) is not None and isinstance(value, _shape(o))]
+        if len(shaped) == 1:
+            return _coerce(value, shaped[0], where, problems)
         problems.append(f"{where}: {value!r} is not {' or '.join(_type_name(o) for o in options)}")
         return value
     if origin is Literal:
@@ -58,7 +73,12 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {value!r}")
-        return value
+            return value
+        key_tp, value_tp = get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, f"{where} key {k!r}", problems):
+                _coerce({} if v is None and dataclasses.is_dataclass(value_tp) else v,
+                        value_tp, f"{where}.{k}", problems)
+                for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

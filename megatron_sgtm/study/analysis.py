@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 
 from ..post.metrics import MetricError, compute_penalty, fit_power_law, leakage
+from .methods import ABLATED, base_of
 
 SPLITS = ("retain", "forget", "adjacent")
 
@@ -31,7 +32,7 @@ def _done(rows: list[dict]) -> list[dict]:
 def fit_scaling(rows: list[dict]) -> dict:
     """l(C) = a C^-b per eval split on the main no-filter runs (seeds averaged per point)."""
     fits = {}
-    base = [r for r in _done(rows) if r["kind"] == "main" and r["method"] == "no_filter"]
+    base = [r for r in _done(rows) if r["kind"] == "main" and base_of(r) == "no_filter"]
     for split in SPLITS:
         points = defaultdict(list)
         for r in base:
@@ -57,6 +58,7 @@ def penalties(rows: list[dict], fits: dict) -> list[dict]:
         if r["kind"] != "main":
             continue
         entry = {k: r.get(k) for k in ("run_id", "size", "tokens", "method", "rate", "seed")}
+        entry["base_method"] = base_of(r)
         for split, fit in fits.items():
             loss, flops = _num(r, f"{split}_loss"), _num(r, "flops")
             if "a" in fit and loss is not None and flops:
@@ -91,11 +93,12 @@ def leakage_rows(rows: list[dict]) -> list[dict]:
                 (float(r["forget_tokens_seen"]), float(r["forget_loss_raw"])))
     out = []
     for r in done:
-        if r["kind"] != "main" or r["method"] not in ("sgtm", "gradient_routing", "activation_masking"):
+        if r["kind"] != "main" or base_of(r) not in ABLATED:
             continue
         pts = series.get((r["size"], str(r["tokens"])))
         undiscovered = _num(r, "undiscovered_tokens_seen") or 0.0
         entry = {k: r.get(k) for k in ("run_id", "size", "tokens", "method", "rate", "seed")}
+        entry["base_method"] = base_of(r)
         entry["undiscovered_tokens_seen"] = undiscovered
         if not pts:
             entry["error"] = "no leakage baseline series for this size and budget"
@@ -115,15 +118,16 @@ def attack_summary(rows: list[dict], curves: dict[str, list[dict]]) -> list[dict
     no-filter model's (same size, budget and seed)."""
     done = {r["run_id"]: r for r in _done(rows)}
     nf = {(r["size"], str(r["tokens"]), str(r["seed"])): float(r["forget_loss_raw"])
-          for r in done.values() if r["kind"] == "main" and r["method"] == "no_filter"}
+          for r in done.values() if r["kind"] == "main" and base_of(r) == "no_filter"}
     out = []
     for run_id, curve in sorted(curves.items()):
         r = done.get(run_id)
-        if r is None or r["method"] == "no_filter":
+        if r is None or base_of(r) == "no_filter":
             continue
         target = nf.get((r["size"], str(r["tokens"]), str(r["seed"])))
         hit = next((p for p in curve if target is not None and p["forget_loss"] <= target), None)
-        out.append({"run_id": run_id, "method": r["method"], "rate": r.get("rate"),
+        out.append({"run_id": run_id, "method": r["method"], "base_method": base_of(r),
+                    "rate": r.get("rate"),
                     "target_forget_loss": target, "start_forget_loss": curve[0]["forget_loss"],
                     "end_forget_loss": curve[-1]["forget_loss"],
                     "steps_to_target": hit["step"] if hit else None,

@@ -13,6 +13,7 @@ are retried and, while they fail, reported with their error file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def finalize(spec, ctx, runs, out: Path) -> tuple[list[dict], dict]:
     (out / "report.txt").write_text(report + "\n")
     pdir = out / "plots"
     plots.tradeoff(rows, pdir / "tradeoff.png", f"{spec.name}: retain/forget trade-off")
-    plots.loss_curves(train_curves, pdir / "loss_curves.png")
+    plots.loss_curves(train_curves, pdir / "loss_curves.png", rows)
     plots.leakage_plot(result["leakage"], pdir / "leakage.png")
     plots.penalty_bars(result["penalty_summary"], pdir / "penalty.png")
     if result["fits"]:
@@ -73,21 +74,23 @@ def finalize(spec, ctx, runs, out: Path) -> tuple[list[dict], dict]:
     if curves:
         targets = {e["run_id"]: e["target_forget_loss"] for e in result["attack"]
                    if e["target_forget_loss"] is not None}
-        plots.attack_curves(curves, targets, pdir / "attack.png")
+        plots.attack_curves(curves, targets, pdir / "attack.png", rows)
     print(report)
     return rows, result
 
 
 def run(args: argparse.Namespace) -> int:
     from .executors import prepare_data, run_parallel, run_sequential, submit_slurm
-    from .spec import expand, load_spec
+    from .spec import expand, load_spec, method_entries
 
     spec = load_spec(args.spec, args.overrides)
     out = Path(args.out or Path("runs") / "study" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
     ctx = prepare_data(spec, out, _log)
     runs = expand(spec, ctx.vocab)
+    entries = {name: dataclasses.asdict(e) for name, e in method_entries(spec).items()}
     (out / "spec.json").write_text(json.dumps({"spec": args.spec, "overrides": args.overrides,
+                                               "methods": entries,
                                                "runs": [r.to_dict() for r in runs]}, indent=1))
     if args.list:
         for i, r in enumerate(runs):

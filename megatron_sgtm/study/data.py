@@ -59,19 +59,31 @@ def ensure_base(recipe_path: str, overrides: list[str], out: Path,
     return out
 
 
+def rate_dir(base: Path, rate: float, own_share: Optional[float] = None) -> Path:
+    """Where the shards relabelled at ``rate`` live: ``<base>-u<rate>`` under the spec-wide
+    retain-mode share, ``<base>-u<rate>-m<share>`` for a method's own share."""
+    base = Path(base)
+    suffix = "" if own_share is None else f"-m{own_share:g}"
+    return base.parent / f"{base.name}-u{rate:g}{suffix}"
+
+
 def ensure_rate(base: Path, rate: float, retain_mode_share: Optional[float],
-                log: Callable[[str], None] = print) -> Path:
-    """The base shards relabelled at undiscovered rate ``rate`` (a sibling directory)."""
+                log: Callable[[str], None] = print, own_share: bool = False) -> Path:
+    """The base shards relabelled at undiscovered rate ``rate`` (a sibling directory).
+
+    ``own_share``: ``retain_mode_share`` is one method's own, cached in its own directory
+    per (rate, share); otherwise it is the spec-wide one (None: the recipe's)."""
     from data_prep.relabel import relabel
 
     base = Path(base)
-    out = base.parent / f"{base.name}-u{rate:g}"
+    out = rate_dir(base, rate, retain_mode_share if own_share else None)
     with file_lock(base.parent / ".prep.lock"):
         m = _manifest(out)
         if m is not None and m["noise_policy"]["undiscovered_rate"] == rate and (
                 retain_mode_share is None or m["noise_policy"]["retain_mode_share"] == retain_mode_share):
             return out
-        log(f"data: relabelling a copy of {base.name} at undiscovered rate {rate:g}")
+        share = "" if retain_mode_share is None else f", retain-mode share {retain_mode_share:g}"
+        log(f"data: relabelling a copy of {base.name} at undiscovered rate {rate:g}{share}")
         tmp = base.parent / f".{out.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(base, tmp, ignore=shutil.ignore_patterns(".staging-*", ".study_stamp.json"))

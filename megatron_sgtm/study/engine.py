@@ -50,16 +50,25 @@ def seed_all(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def core_config(size, vocab: int, seq: int, routing_method: str):
-    from ..config import CoreConfig, ModelConfig, PartitionConfig, RoutingConfig
+def core_config(size, vocab: int, seq: int, entry=None):
+    """The CoreConfig of a study run: the size's architecture and forget units, with the
+    method entry's (a resolved ``MethodSpec``; None: no routing) routing and partition
+    settings on top."""
+    from ..config import CoreConfig, PartitionConfig, RoutingConfig
 
+    def pick(key):
+        value = None if entry is None else getattr(entry, key)
+        return getattr(size, key) if value is None else value
+
+    routing = RoutingConfig(method="none") if entry is None or entry.routing_method == "none" else \
+        RoutingConfig(method=entry.routing_method, variant=entry.variant,
+                      mask_embeddings=entry.mask_embeddings)
     return CoreConfig(
-        model=ModelConfig(num_layers=size.num_layers, hidden_size=size.hidden_size,
-                          num_attention_heads=size.num_attention_heads,
-                          ffn_hidden_size=size.ffn_hidden_size, vocab_size=vocab, seq_length=seq),
-        partition=PartitionConfig(forget_heads=size.forget_heads,
-                                  forget_mlp_units=size.forget_mlp_units),
-        routing=RoutingConfig(method=routing_method))
+        model=size.model_config(vocab, seq),
+        partition=PartitionConfig(forget_heads=pick("forget_heads"),
+                                  forget_mlp_units=pick("forget_mlp_units"),
+                                  layers=None if entry is None else entry.layers),
+        routing=routing)
 
 
 def batch_of(rows: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:

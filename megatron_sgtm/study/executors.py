@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from . import data as sdata
 from .runner import Context, execute
-from .spec import LABEL_FREE, RunSpec, StudySpec
+from .spec import LABEL_FREE, RunSpec, StudySpec, method_entries
 
 Log = Callable[[str], None]
 SBATCH = Path(__file__).resolve().parents[2] / "launch" / "slurm_study_array.sbatch"
@@ -28,11 +28,16 @@ def _log(msg: str) -> None:
 
 
 def prepare_data(spec: StudySpec, out: Path, log: Log = _log) -> Context:
-    """Base shards once, then one relabelled copy per undiscovered rate the runs need."""
+    """Base shards once, then one relabelled copy per undiscovered rate the runs need (and
+    per retain-mode share, for methods that set their own)."""
     base = sdata.ensure_base(spec.recipe, spec.data_overrides, out / "data" / "shards", log)
-    if any(m not in LABEL_FREE for m in spec.methods):
+    labelled = [e for e in method_entries(spec).values() if e.base not in LABEL_FREE]
+    if any(e.retain_mode_share is None for e in labelled):
         for rate in spec.undiscovered_rates:
             sdata.ensure_rate(base, rate, spec.retain_mode_share, log)
+    for share in sorted({e.retain_mode_share for e in labelled} - {None}):
+        for rate in spec.undiscovered_rates:
+            sdata.ensure_rate(base, rate, share, log, own_share=True)
     if spec.eval.lm_eval_tasks:
         from ..post.lm_eval_run import ensure_study_tasks
 

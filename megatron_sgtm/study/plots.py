@@ -6,8 +6,44 @@ from pathlib import Path
 
 import numpy as np
 
+from .methods import base_of
+
 COLORS = {"no_filter": "black", "weak_filter": "tab:orange", "strict_filter": "tab:brown",
           "gradient_routing": "tab:blue", "sgtm": "tab:red", "activation_masking": "tab:purple"}
+# Named entries that are not base methods take these, in order of appearance.
+EXTRA_COLORS = ("tab:green", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "gold",
+                "darkred", "navy", "teal", "salmon")
+
+
+def series_colors(rows: list[dict]) -> dict[str, str]:
+    """Method entry name -> plot colour: a base method keeps its own; every other entry gets
+    a distinct one (its base method's if that is unused and the entry is its only user)."""
+    names = list(dict.fromkeys(r["method"] for r in rows if r.get("method")))
+    bases = {r["method"]: base_of(r) for r in rows if r.get("method")}
+    out = {n: COLORS[n] for n in names if n in COLORS}
+    extra = iter(EXTRA_COLORS * (1 + len(names) // len(EXTRA_COLORS)))
+    for n in names:
+        if n in out:
+            continue
+        base = bases.get(n)
+        sharing = [m for m in names if bases.get(m) == base]
+        taken = set(out.values())
+        if base in COLORS and COLORS[base] not in taken and sharing == [n]:
+            out[n] = COLORS[base]
+        else:
+            out[n] = next(c for c in extra if c not in taken)
+    return out
+
+
+def _run_methods(rows: list[dict]) -> dict[str, str]:
+    return {r["run_id"]: r["method"] for r in rows if r.get("run_id") and r.get("method")}
+
+
+def _method_of(run_id: str, methods: dict[str, str]) -> str:
+    """A run's method entry: from its row when known, else parsed from a base-method run id."""
+    if run_id in methods:
+        return methods[run_id]
+    return next((m for m in COLORS if f"-{m}-" in run_id), "no_filter")
 
 
 def _plt():
@@ -41,6 +77,7 @@ def tradeoff(rows: list[dict], path: Path, title: str = "") -> Path:
     """Retain vs forget loss (calibrated), one panel per undiscovered rate; no-filter in each."""
     plt = _plt()
     rows = _main_done(rows)
+    colors = series_colors(rows)
     rates = sorted({float(r["rate"]) for r in rows if r.get("rate") not in (None, "")}) or [None]
     fig, axes = plt.subplots(1, len(rates), figsize=(4.2 * len(rates), 3.6), squeeze=False)
     for ax, rate in zip(axes[0], rates):
@@ -49,13 +86,12 @@ def tradeoff(rows: list[dict], path: Path, title: str = "") -> Path:
                 x, y = _f(r, "retain_loss"), _f(r, "forget_loss")
                 if x is None or y is None:
                     continue
-                ax.scatter(x, y, color=COLORS.get(r["method"], "gray"), s=28,
+                ax.scatter(x, y, color=colors.get(r["method"], "gray"), s=28,
                            marker="o" if str(r.get("seed")) in ("0", "None") else "^")
                 if len({q["size"] for q in rows}) > 1:
                     ax.annotate(r["size"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        for m, c in COLORS.items():
-            if any(r["method"] == m for r in rows):
-                ax.scatter([], [], color=c, label=m)
+        for m, c in colors.items():
+            ax.scatter([], [], color=c, label=m)
         ax.set_xlabel("retain loss (calibrated)")
         ax.set_ylabel("forget loss (calibrated)")
         ax.set_title(f"undiscovered {rate:g}" if rate is not None else "all runs")
@@ -65,17 +101,20 @@ def tradeoff(rows: list[dict], path: Path, title: str = "") -> Path:
     return _save(fig, path)
 
 
-def loss_curves(curves: dict[str, list[dict]], path: Path) -> Path:
-    """Held-out retain and forget loss during training, one line per run."""
+def loss_curves(curves: dict[str, list[dict]], path: Path, rows: list[dict] = ()) -> Path:
+    """Held-out retain and forget loss during training, one line per run (``rows``: the
+    result rows, to colour runs by method entry)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    methods, colors = _run_methods(rows), series_colors(list(rows))
     for run_id, curve in sorted(curves.items()):
-        method = next((m for m in COLORS if f"-{m}-" in run_id), "no_filter")
+        method = _method_of(run_id, methods)
         style = "-" if "-s0" in run_id else "--"
         for ax, key in zip(axes, ("retain", "forget")):
             pts = [(p["tokens"], p[key]) for p in curve if key in p]
             if pts:
-                ax.plot(*zip(*pts), style, color=COLORS.get(method, "gray"), alpha=0.8, lw=1.2,
+                ax.plot(*zip(*pts), style, color=colors.get(method, COLORS.get(method, "gray")),
+                        alpha=0.8, lw=1.2,
                         label=run_id if key == "retain" else None)
     for ax, key in zip(axes, ("retain", "forget")):
         ax.set_xlabel("training tokens")
@@ -89,12 +128,13 @@ def leakage_plot(leak: list[dict], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     by_size = defaultdict(list)
+    colors = series_colors(leak)
     for e in leak:
         if "leakage" in e and e.get("rate") not in (None, ""):
             by_size[(e["size"], e["method"])].append((float(e["rate"]), e["leakage"]))
     for (size, method), pts in sorted(by_size.items()):
         pts.sort()
-        ax.plot(*zip(*pts), "o-", label=f"{method} {size}", color=COLORS.get(method))
+        ax.plot(*zip(*pts), "o-", label=f"{method} {size}", color=colors.get(method))
     ax.set_xlabel("undiscovered rate")
     ax.set_ylabel("leakage (1 = data filtering)")
     ax.grid(alpha=0.3)
@@ -121,13 +161,15 @@ def penalty_bars(summary: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def attack_curves(curves: dict[str, list[dict]], targets: dict[str, float], path: Path) -> Path:
+def attack_curves(curves: dict[str, list[dict]], targets: dict[str, float], path: Path,
+                  rows: list[dict] = ()) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    methods, colors = _run_methods(rows), series_colors(list(rows))
     for run_id, curve in sorted(curves.items()):
-        method = next((m for m in COLORS if f"-{m}-" in run_id), "no_filter")
+        method = _method_of(run_id, methods)
         ax.plot([p["step"] for p in curve], [p["forget_loss"] for p in curve], "-o", ms=2,
-                color=COLORS.get(method), label=run_id)
+                color=colors.get(method, COLORS.get(method)), label=run_id)
     for t in sorted(set(targets.values())):
         ax.axhline(t, color="black", ls=":", lw=0.8)
     ax.set_xlabel("fine-tuning step (50/50 forget/retain)")

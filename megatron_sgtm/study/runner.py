@@ -22,7 +22,7 @@ import numpy as np
 
 from . import data as sdata
 from .compute import param_count, train_flops
-from .spec import ABLATED, ROUTING_METHOD, RunSpec, StudySpec, size_by_name
+from .spec import ABLATED, MethodSpec, RunSpec, StudySpec, entry_of, size_by_name
 
 Log = Callable[[str], None]
 
@@ -39,10 +39,13 @@ class Context:
     def run_dir(self, run: RunSpec) -> Path:
         return self.out / "runs" / run.run_id
 
-    def shards_for(self, run: RunSpec) -> Path:
+    def shards_for(self, run: RunSpec, entry: Optional[MethodSpec] = None) -> Path:
+        """The shards a run trains on: the base ones for label-free methods, else the copy
+        relabelled at the run's rate (and its method's own retain-mode share, if set)."""
         if run.rate is None:
             return self.base_shards  # label-free methods ignore the labels
-        return self.base_shards.parent / f"{self.base_shards.name}-u{run.rate:g}"
+        return sdata.rate_dir(self.base_shards, run.rate,
+                              None if entry is None else entry.retain_mode_share)
 
 
 def write_json(path: Path, obj) -> None:
@@ -106,7 +109,7 @@ def _load_model(spec: StudySpec, ctx: Context, run: RunSpec, path: Optional[Path
     from .engine import core_config
 
     size = size_by_name(spec, run.size)
-    core = core_config(size, ctx.vocab, spec.train.seq_length, ROUTING_METHOD.get(run.method, "none"))
+    core = core_config(size, ctx.vocab, spec.train.seq_length, entry_of(spec, run))
     model = build_model(core)
     if path is not None:
         state = torch.load(path, weights_only=True, map_location="cpu")
@@ -125,10 +128,10 @@ def train_stage(spec: StudySpec, ctx: Context, run: RunSpec, log: Log) -> dict:
     if (rdir / "train.json").exists() and (rdir / "model.pt").exists():
         log(f"{run.run_id}: training done earlier, reusing")
         return json.loads((rdir / "train.json").read_text())
-    shard = str(ctx.shards_for(run))
+    shard = str(ctx.shards_for(run, entry_of(spec, run)))
     seq = spec.train.seq_length
     docs = _docs(shard, "train")
-    keep, labels = sdata.method_selection(docs, run.method, run.seed, run.forget_share)
+    keep, labels = sdata.method_selection(docs, run.base_method, run.seed, run.forget_share)
     packed = sdata.pack(docs, seq, seed=run.seed, keep=keep, labels=labels)
     curve_sets = {}
     for name, split in (("retain", "test_retain"), ("forget", "test_forget")):
@@ -231,10 +234,10 @@ def eval_stage(spec: StudySpec, ctx: Context, run: RunSpec, trained: dict, log: 
     from ..post.evaluate import evaluate_split
 
     rdir = ctx.run_dir(run)
-    shard = str(ctx.shards_for(run))
+    shard = str(ctx.shards_for(run, entry_of(spec, run)))
     start = time.time()
     model = _load_model(spec, ctx, run, rdir / "model.pt")
-    if run.method in ABLATED:
+    if run.base_method in ABLATED:
         zero_forget_(model)
     evals = _eval_sets(spec, shard)
     row: dict = {}
@@ -260,7 +263,8 @@ def eval_stage(spec: StudySpec, ctx: Context, run: RunSpec, trained: dict, log: 
 
         row.update(score_model(model, Path(shard) / "tokenizer.model", rdir, ev.lm_eval_tasks,
                                ctx.out / "data" / "lm_eval_tasks", ev.lm_eval_limit))
-    if spec.attack.enabled and run.kind == "main" and run.method in spec.attack.methods:
+    attacked = run.method in spec.attack.methods or run.base_method in spec.attack.methods
+    if spec.attack.enabled and run.kind == "main" and attacked:
         with torch.enable_grad():
             write_json(rdir / "attack.json", _attack(spec, model, shard, evals, log))
         row["attack"] = True

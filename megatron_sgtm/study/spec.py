@@ -8,18 +8,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from ..configbase import ConfigError, load_config
+from .methods import (ABLATED, BASE_METHODS, LABEL_FREE, ROUTING_METHOD, MethodSpec, StudyMethod,
+                      entry_problems, resolve)
+from .paths import resolve_spec_paths
 
-StudyMethod = Literal["no_filter", "weak_filter", "strict_filter", "sgtm",
-                      "gradient_routing", "activation_masking"]
-# Methods that train without labels: the undiscovered rate does not change them.
-LABEL_FREE = ("no_filter",)
-# Methods whose forget parameters are zeroed before evaluation.
-ABLATED = ("sgtm", "gradient_routing", "activation_masking")
-ROUTING_METHOD = {"sgtm": "sgtm", "gradient_routing": "gradient_routing",
-                  "activation_masking": "activation_masking"}
+__all__ = ["ABLATED", "BASE_METHODS", "LABEL_FREE", "ROUTING_METHOD", "MethodSpec", "RunSpec",
+           "SizeSpec", "StudyMethod", "StudySpec", "entry_of", "expand", "load_spec", "method_entries",
+           "size_by_name"]
 
 
 @dataclass
@@ -29,18 +27,53 @@ class SizeSpec:
     hidden_size: int = 64
     num_attention_heads: int = 4
     ffn_hidden_size: int = 256
+    # Forget attention units: heads, or whole query groups under grouped-query attention.
     forget_heads: int = 1
     forget_mlp_units: int = 16
     # This size's token budgets (None: the spec's token_budgets / tokens_per_param).
     tokens: Optional[list[int]] = None
+    # Architecture (megatron_sgtm.config.ModelConfig; these defaults are its own).
+    num_query_groups: Optional[int] = None
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    position_embedding: Literal["learned", "rope"] = "learned"
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    tie_embeddings: bool = True
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    def model_config(self, vocab: int, seq_length: int):
+        from ..config import ModelConfig
+
+        return ModelConfig(
+            num_layers=self.num_layers, hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
+            ffn_hidden_size=self.ffn_hidden_size, activation=self.activation,
+            position_embedding=self.position_embedding, normalization=self.normalization,
+            tie_embeddings=self.tie_embeddings, vocab_size=vocab, seq_length=seq_length)
+
+    def unit_problems(self, forget_heads: int, forget_mlp_units: int,
+                      layers: Optional[list[int]] = None) -> list[str]:
+        """Why a partition with these forget units does not fit this size ([] if it does)."""
+        out = []
+        if forget_heads >= self.query_groups:
+            unit = "query groups" if self.num_query_groups else "heads"
+            out.append(f"forget_heads {forget_heads} leaves no retain attention unit in size "
+                       f"{self.name} ({self.query_groups} {unit})")
+        if forget_mlp_units >= self.ffn_hidden_size:
+            out.append(f"forget_mlp_units {forget_mlp_units} leaves no retain MLP unit in size "
+                       f"{self.name} (ffn_hidden_size {self.ffn_hidden_size})")
+        bad = [i for i in layers or [] if not 0 <= i < self.num_layers]
+        if bad:
+            out.append(f"layers {bad} outside 0..{self.num_layers - 1} of size {self.name}")
+        return out
 
     def problems(self) -> list[str]:
-        out = []
-        if self.hidden_size % self.num_attention_heads:
-            out.append(f"size {self.name}: hidden_size must divide by num_attention_heads")
-        if self.forget_heads >= self.num_attention_heads or self.forget_mlp_units >= self.ffn_hidden_size:
-            out.append(f"size {self.name}: forget units must leave some retain units")
-        return out
+        out = [f"size {self.name}: {p}" for p in self.model_config(2, 2).problems()]
+        if out:
+            return out
+        return self.unit_problems(self.forget_heads, self.forget_mlp_units)
 
 
 @dataclass
@@ -129,7 +162,9 @@ class StudySpec:
     token_budgets: list[int] = field(default_factory=lambda: [200_000])
     # Optional: budgets as tokens per parameter (Chinchilla-style). Replaces token_budgets.
     tokens_per_param: Optional[float] = None
-    methods: list[StudyMethod] = field(default_factory=lambda: ["no_filter", "sgtm"])
+    # A list of base methods, or a mapping of entry name -> MethodSpec (study/README.md).
+    methods: Union[list[StudyMethod], dict[str, MethodSpec]] = field(
+        default_factory=lambda: ["no_filter", "sgtm"])
     undiscovered_rates: list[float] = field(default_factory=lambda: [0.0])
     seeds: list[int] = field(default_factory=lambda: [0])
     retain_mode_share: Optional[float] = None
@@ -157,6 +192,20 @@ class StudySpec:
                 out.append(f"leakage.forget_shares: {s} is not in [0, 1]")
         if self.leakage.size is not None and self.leakage.size not in names:
             out.append(f"leakage.size {self.leakage.size!r} is not one of {names}")
+        out += entry_problems(self.methods)
+        for name, entry in method_entries(self).items():
+            if entry.routing_method == "none":
+                continue
+            for size in self.sizes:
+                heads = 0 if entry.variant == "joint_attention" else (
+                    size.forget_heads if entry.forget_heads is None else entry.forget_heads)
+                mlp = size.forget_mlp_units if entry.forget_mlp_units is None else entry.forget_mlp_units
+                if (entry.forget_heads, entry.forget_mlp_units, entry.layers) != (None, None, None):
+                    out += [f"methods.{name}: {p}" for p in size.unit_problems(heads, mlp, entry.layers)]
+        known = set(BASE_METHODS) | set(method_entries(self))
+        for m in self.attack.methods:
+            if m not in known:
+                out.append(f"attack.methods: {m!r} is neither a method entry nor a base method")
         return out
 
 
@@ -171,6 +220,12 @@ class RunSpec:
     rate: Optional[float]  # undiscovered rate of the labels it trains on; None: label-free
     seed: int
     forget_share: Optional[float] = None  # leakage baselines only
+    # The study method behind the entry ``method`` names (the same for a base method).
+    base_method: str = ""
+
+    def __post_init__(self):
+        if not self.base_method:
+            object.__setattr__(self, "base_method", self.method)
 
     @property
     def run_id(self) -> str:
@@ -192,7 +247,21 @@ def _short(n: int) -> str:
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> StudySpec:
-    return load_config(StudySpec, path, overrides)
+    """A spec file plus overrides; relative paths resolve against the spec's folder, then
+    the project root (never the working directory)."""
+    return resolve_spec_paths(load_config(StudySpec, path, overrides), Path(path))
+
+
+def method_entries(spec: StudySpec) -> dict[str, MethodSpec]:
+    """Entry name -> its settings, base ``method`` filled in, in spec order."""
+    return resolve(spec.methods)
+
+
+def entry_of(spec: StudySpec, run: RunSpec) -> MethodSpec:
+    """The method settings a run trains with (leakage baselines: plain no_filter)."""
+    if run.kind == "leakage":
+        return MethodSpec(method="no_filter")
+    return method_entries(spec)[run.method]
 
 
 def size_by_name(spec: StudySpec, name: str) -> SizeSpec:
@@ -218,10 +287,11 @@ def expand(spec: StudySpec, vocab: int) -> list[RunSpec]:
     for size in spec.sizes:
         for tokens in budgets_for(spec, size, vocab):
             for seed in spec.seeds:
-                for method in spec.methods:
-                    rates = [None] if method in LABEL_FREE else spec.undiscovered_rates
+                for name, entry in method_entries(spec).items():
+                    rates = [None] if entry.base in LABEL_FREE else spec.undiscovered_rates
                     for rate in rates:
-                        runs.append(RunSpec("main", size.name, tokens, method, rate, seed))
+                        runs.append(RunSpec("main", size.name, tokens, name, rate, seed,
+                                            base_method=entry.base))
     if spec.leakage.forget_shares:
         size = size_by_name(spec, spec.leakage.size or spec.sizes[0].name)
         tokens = spec.leakage.tokens or budgets_for(spec, size, vocab)[0]
