@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 install: $(BIN)/.installed
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
 
 demo: $(BIN)/.installed
 	$(BIN)/sgtm demo

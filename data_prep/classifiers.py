@@ -39,7 +39,8 @@ class LanguageScorer:
 
     Uses py3langid's own model and scoring rule, but walks its byte DFA for a whole
     batch at once with numpy (one vector step per byte position) instead of one
-    Python step per byte per document; identical scores, several times faster.
+    Python step per byte per document: the same scores to float rounding (checked against
+    py3langid itself), several times faster.
     """
 
     def __init__(self, cfg: ClassifierConfig):
@@ -64,33 +65,37 @@ class LanguageScorer:
         order = np.argsort(-lens, kind="stable")  # longest first: active docs are a prefix
         lens_sorted = lens[order]
         width = int(lens_sorted[0]) if n else 0
-        grid = np.zeros((n, width), dtype=np.int64)
+        # uint8: the bytes themselves (8x less memory than int64 for the same chunk).
+        grid = np.zeros((n, width), dtype=np.uint8)
         grid[np.arange(width)[None, :] < lens_sorted[:, None]] = np.frombuffer(
             b"".join(enc[i] for i in order), dtype=np.uint8)
         state = np.zeros(n, dtype=np.int64)
-        docs, feats = [], []
+        # Per byte position: the output feature (or -1) of every still-active document.
+        # Filtering and pairing with document ids happen once at the end, not per position.
+        outputs, actives = [], []
         active = n
         for t in range(width):
             while active and lens_sorted[active - 1] <= t:
                 active -= 1
             s = self._nm[self._rowbase[state[:active]] + grid[:active, t]]
             state[:active] = s
-            f = self._out[s]
-            hit = np.flatnonzero(f >= 0)
-            docs.append(hit)
-            feats.append(f[hit])
+            outputs.append(self._out[s])
+            actives.append(active)
         scores = np.zeros((n, k), dtype=np.float32)
-        if docs:
-            d = np.concatenate(docs)
-            f = np.concatenate(feats)
+        if outputs:
+            f = np.concatenate(outputs)
+            d = np.concatenate([np.arange(a) for a in actives])
+            hit = f >= 0
+            d, f = d[hit], f[hit]
+        if outputs and len(d):
             nfeat = len(self._ptc)
+            # Sorted (document, feature) pairs with their counts; documents come in runs.
             pairs, counts = np.unique(d * nfeat + f, return_counts=True)
             d, f = pairs // nfeat, pairs % nfeat
             contrib = np.log1p(counts.astype(np.float32))[:, None] * self._ptc[f]
-            np.add.at(scores, d, contrib)
-            has = np.zeros(n, dtype=bool)
-            has[d] = True
-            scores[has] += self._pc
+            starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
+            scores[d[starts]] = np.add.reduceat(contrib, starts, axis=0)
+            scores[d[starts]] += self._pc
         # Same normalisation as py3langid: temperature sqrt(bytes), then softmax.
         scores *= (1.0 / np.sqrt(np.maximum(lens_sorted, 1)))[:, None].astype(np.float32)
         scores = np.exp(scores - scores.max(axis=1, keepdims=True))

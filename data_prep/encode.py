@@ -37,7 +37,9 @@ class Encoded:
 
 
 class ChunkEncoder:
-    """Holds the tokenizer and the scorer of one process."""
+    """Holds the tokenizer and the scorer of one process. Encoding is single-threaded:
+    parallelism is one process per shard (``--workers``, array tasks), and sentencepiece's
+    default of a thread per hardware core would oversubscribe every worker's CPUs."""
 
     def __init__(self, model_bytes: bytes, eod_id: int, dtype, cfg: ClassifierConfig,
                  scorer: Optional[Scorer]) -> None:
@@ -61,7 +63,7 @@ class ChunkEncoder:
         truth = np.fromiter((d.truth for d in docs), np.uint8, count=len(docs))
         scores = self._score([d.text for d in docs], truth)
         if not paragraphs:
-            ids = self.sp.encode([d.text for d in docs])
+            ids = self.sp.encode([d.text for d in docs], num_threads=1)
             for x in ids:
                 x.append(self.eod)
             lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
@@ -80,7 +82,7 @@ class ChunkEncoder:
         if long_.any():
             idx = np.flatnonzero(long_)
             pscores[idx] = self._score([paras[i] for i in idx], ptruth[idx])
-        ids = self.sp.encode(paras)
+        ids = self.sp.encode(paras, num_threads=1)
         plen = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
         # The end-of-document token goes with each document's last paragraph.
         last = np.cumsum([len(d.paragraphs) for d in docs]) - 1
