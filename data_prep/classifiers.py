@@ -82,12 +82,10 @@ class LanguageScorer:
             outputs.append(self._out[s])
             actives.append(active)
         scores = np.zeros((n, k), dtype=np.float32)
-        if outputs:
-            f = np.concatenate(outputs)
-            d = np.concatenate([np.arange(a) for a in actives])
-            hit = f >= 0
-            d, f = d[hit], f[hit]
-        if outputs and len(d):
+        f = np.concatenate(outputs) if outputs else np.zeros(0, np.int64)
+        d = np.concatenate([np.arange(a) for a in actives]) if outputs else np.zeros(0, np.int64)
+        d, f = d[f >= 0], f[f >= 0]
+        if len(d):
             nfeat = len(self._ptc)
             # Sorted (document, feature) pairs with their counts; documents come in runs.
             pairs, counts = np.unique(d * nfeat + f, return_counts=True)

@@ -1,6 +1,7 @@
 """Study and demo plots (PNG, matplotlib Agg)."""
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,22 +17,20 @@ EXTRA_COLORS = ("tab:green", "tab:pink", "tab:olive", "tab:cyan", "tab:gray", "g
 
 
 def series_colors(rows: list[dict]) -> dict[str, str]:
-    """Method entry name -> plot colour: a base method keeps its own; every other entry gets
-    a distinct one (its base method's if that is unused and the entry is its only user)."""
+    """Method entry name -> plot colour: a base method keeps its own; an entry that is the
+    only one built on its base method takes that method's colour when it is free; every
+    other entry takes the next extra colour (they repeat after ten)."""
     names = list(dict.fromkeys(r["method"] for r in rows if r.get("method")))
     bases = {r["method"]: base_of(r) for r in rows if r.get("method")}
     out = {n: COLORS[n] for n in names if n in COLORS}
-    extra = iter(EXTRA_COLORS * (1 + len(names) // len(EXTRA_COLORS)))
+    extra = itertools.cycle(EXTRA_COLORS)
     for n in names:
         if n in out:
             continue
-        base = bases.get(n)
-        sharing = [m for m in names if bases.get(m) == base]
-        taken = set(out.values())
-        if base in COLORS and COLORS[base] not in taken and sharing == [n]:
-            out[n] = COLORS[base]
-        else:
-            out[n] = next(c for c in extra if c not in taken)
+        inherited = COLORS.get(bases[n])
+        sole_user = [m for m in names if bases[m] == bases[n]] == [n]
+        free = inherited is not None and inherited not in out.values()
+        out[n] = inherited if sole_user and free else next(extra)
     return out
 
 

@@ -194,14 +194,14 @@ class StudySpec:
             out.append(f"leakage.size {self.leakage.size!r} is not one of {names}")
         out += entry_problems(self.methods)
         for name, entry in method_entries(self).items():
-            if entry.routing_method == "none":
-                continue
+            overrides = (entry.forget_heads, entry.forget_mlp_units, entry.layers)
+            if entry.routing_method == "none" or overrides == (None, None, None):
+                continue  # the sizes' own units were checked with the sizes
             for size in self.sizes:
                 heads = 0 if entry.variant == "joint_attention" else (
                     size.forget_heads if entry.forget_heads is None else entry.forget_heads)
                 mlp = size.forget_mlp_units if entry.forget_mlp_units is None else entry.forget_mlp_units
-                if (entry.forget_heads, entry.forget_mlp_units, entry.layers) != (None, None, None):
-                    out += [f"methods.{name}: {p}" for p in size.unit_problems(heads, mlp, entry.layers)]
+                out += [f"methods.{name}: {p}" for p in size.unit_problems(heads, mlp, entry.layers)]
         known = set(BASE_METHODS) | set(method_entries(self))
         for m in self.attack.methods:
             if m not in known:
