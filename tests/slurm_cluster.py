@@ -241,14 +241,18 @@ PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         """Wait until ``job_id`` is back in the queue after a requeue, then let it start now.
 
         SLURM holds a requeued batch job for two minutes before it may start again (a fixed
-        delay, not a slurm.conf setting); an administrator's ``scontrol update StartTime=now``
-        lifts it, which keeps the test short without changing what the job does."""
+        delay, not a slurm.conf setting); an administrator's ``scontrol update StartTime=now+3``
+        lifts it, which keeps the test short without changing what the job does. It lifts it
+        to a few seconds from now, not to now: slurmd revokes the first run's job credential
+        with a timestamp in whole seconds and refuses any credential of that job created in
+        the same second ("Job credential revoked"), so a restart within that second fails
+        the job (the hold exists for this)."""
         deadline = time.time() + timeout
         record: dict = {}
         while time.time() < deadline:
             record = self.job(job_id)
             if record.get("JobState") == "PENDING" and int(record.get("Restarts", "0")) >= 1:
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3")
                 return record
             if record.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
                 return record

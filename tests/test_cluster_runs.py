@@ -310,8 +310,10 @@ def test_slurm_pretrain_preempted_requeued_then_post_ablation(cluster, shards, r
     cluster.release_requeued(job)
     record = cluster.wait(job, timeout=400)[0]
     text = job_log(log)
-    assert record["JobState"] == "COMPLETED" and record.get("Restarts") == "1", \
-        (cluster.describe(record), text[-4000:], cluster.log_tail("slurmctld", 60))
+    # A str message: pytest shortens a tuple's repr, which hid the job log in a failure.
+    assert record["JobState"] == "COMPLETED" and record.get("Restarts") == "1", "\n".join(
+        [cluster.describe(record), "--- job log", text[-6000:], cluster.log_tail("slurmctld", 60),
+         cluster.log_tail("slurmd", 40)])
     assert "preempted: SIGUSR1 at step" in text and "requeueing job" in text, text[-4000:]
     assert "resumed from step" in text and f"done: step {STEPS}" in text, text[-4000:]
     assert_same_run(ck, reference, "SLURM job preempted and requeued")
