@@ -132,6 +132,34 @@ def test_forget_units_must_fit_the_size(tmp_path, size, methods, words):
     assert all(w in problem for w in words), problem
 
 
+TWO_SIZES = ("sizes:\n"
+             "  - {name: a, num_layers: 1, hidden_size: 16, num_attention_heads: 2, "
+             "ffn_hidden_size: 32, forget_mlp_units: 8, tokens: [1000, 4000]}\n"
+             "  - {name: b, num_layers: 1, hidden_size: 32, num_attention_heads: 2, "
+             "ffn_hidden_size: 64, forget_mlp_units: 8, tokens: [2000, 8000]}\n"
+             "methods: [no_filter]\n")
+
+
+def test_leakage_series_at_each_size_and_chosen_budget(tmp_path):
+    spec = _spec(tmp_path, TWO_SIZES + "leakage: {forget_shares: [0, 1], sizes: [a, b], "
+                                       "budget_index: -1}\n")
+    leak = [r.run_id for r in expand(spec, 100) if r.kind == "leakage"]
+    assert leak == ["leak-a-4k-f0-s0", "leak-a-4k-f1-s0", "leak-b-8k-f0-s0", "leak-b-8k-f1-s0"]
+    # The single-size form is unchanged: the first size, its first budget.
+    spec = _spec(tmp_path, TWO_SIZES + "leakage: {forget_shares: [0.5]}\n")
+    assert [r.run_id for r in expand(spec, 100) if r.kind == "leakage"] == ["leak-a-1k-f0.5-s0"]
+
+
+@pytest.mark.parametrize("leakage, key", [
+    ("{forget_shares: [0], sizes: [a, c]}", "leakage.sizes: 'c'"),
+    ("{forget_shares: [0], size: a, sizes: [b]}", "leakage.size and leakage.sizes"),
+    ("{forget_shares: [0], sizes: [b], budget_index: 2}", "leakage.budget_index 2"),
+])
+def test_bad_leakage_series_is_one_error_naming_the_key(tmp_path, leakage, key):
+    (problem,) = _problems(tmp_path, TWO_SIZES + f"leakage: {leakage}\n")
+    assert problem.startswith(key), problem
+
+
 def test_gqa_counts_groups_and_architecture_reaches_the_model_config(tmp_path):
     spec = _spec(tmp_path, "sizes: [{name: g, num_layers: 2, hidden_size: 32, num_attention_heads: 4,"
                            " num_query_groups: 2, forget_heads: 1, ffn_hidden_size: 64,"

@@ -113,16 +113,17 @@ def _mean_loss(model, rows: np.ndarray) -> float:
 
 
 def experiment(model, train, steps: int):
-    """The in-memory ``sgtm train`` config of a study run: one process, one micro-batch per
-    step, the study's schedule. The data are already selected and packed (``study/data.py``),
-    so only the routing matters to the trainer."""
+    """The in-memory ``sgtm train`` config of a study run: one process, the study's schedule,
+    ``train.micro_batch_size`` sequences per forward/backward. The data are already selected
+    and packed (``study/data.py``), so only the routing matters to the trainer."""
     from ..train.config import DataConfig, ExperimentConfig, TrainConfig
 
     routed = model.core.routing.method
     return ExperimentConfig(
         model=model.core.model, partition=model.core.partition, routing=model.core.routing,
         data=DataConfig(dir="(packed in memory)", method=routed),
-        train=TrainConfig(micro_batch_size=train.batch_size, global_batch_size=train.batch_size,
+        train=TrainConfig(micro_batch_size=train.micro_batch_size or train.batch_size,
+                          global_batch_size=train.batch_size,
                           steps=steps, lr=train.lr, min_lr=train.lr * train.min_lr_ratio,
                           warmup_steps=int(train.warmup_fraction * steps),
                           weight_decay=train.weight_decay, grad_clip=train.grad_clip,
@@ -145,7 +146,7 @@ def train_run(model, packed, train, total_tokens: int, seed: int, curve_sets: di
     from ..transfer import compute_device
 
     seq, bsz = train.seq_length, train.batch_size
-    steps = max(1, total_tokens // (seq * bsz))
+    steps = train.steps_for(total_tokens)
     cfg = experiment(model, train, steps)
     engine = build_engine(model, cfg)
     builder = InputBuilder(cfg, compute_device())
@@ -161,8 +162,10 @@ def train_run(model, packed, train, total_tokens: int, seed: int, curve_sets: di
         idx = np.take(order, np.arange(step * bsz, (step + 1) * bsz), mode="wrap")
         # Past the end of the data, mode="wrap" starts the next epoch in the same order.
         labels = packed.labels[idx]
-        batch = batch_of(packed.tokens[idx], labels)
-        window.append(accumulate_grads(engine, builder, [batch], builder.device))
+        micro = cfg.train.micro_batch_size
+        batches = [batch_of(packed.tokens[idx[i:i + micro]], labels[i:i + micro])
+                   for i in range(0, bsz, micro)]
+        window.append(accumulate_grads(engine, builder, batches, builder.device))
         engine.step(lr_at(step, cfg.train))
         for lab in (0, 1, 2):
             per_label[lab] += int((labels == lab).sum()) * seq

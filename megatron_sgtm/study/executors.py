@@ -98,18 +98,45 @@ def run_parallel(spec: StudySpec, ctx: Context, runs: list[RunSpec], workers: in
     return out
 
 
-def submit_slurm(spec_path: str, out: Path, n_tasks: int, overrides: list[str],
-                 extra: list[str] = (), log: Log = _log) -> str:
-    """Submit one array task per run; each runs ``sgtm study SPEC --task-index I``."""
+def array_ranges(indices: list[int]) -> str:
+    """Task indices as sbatch's --array list: [0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    out, start = [], None
+    for i, x in enumerate(indices):
+        if start is None:
+            start = x
+        if i + 1 == len(indices) or indices[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)
+
+
+def slurm_groups(spec: StudySpec, runs: list[RunSpec]) -> list[tuple[int, list[int]]]:
+    """(GPUs per task, task indices) for each array to submit: one array per GPU count."""
+    from .spec import size_by_name
+
+    groups: dict[int, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(size_by_name(spec, run.size).gpus, []).append(i)
+    return sorted(groups.items())
+
+
+def submit_slurm(spec_path: str, out: Path, groups: list[tuple[int, list[int]]],
+                 overrides: list[str], extra: list[str] = (), log: Log = _log) -> list[str]:
+    """Submit one array task per run (``sgtm study SPEC --task-index I``); runs of sizes with
+    ``gpus: N > 1`` go in their own array, asking for N GPUs (``--gres=gpu:N``, after the
+    caller's arguments, so it wins) and two CPUs per GPU; the task starts torchrun itself."""
     if shutil.which("sbatch") is None:
         raise RuntimeError("sbatch not found: the slurm executor needs a SLURM client on PATH")
-    cmd = ["sbatch", "--parsable", f"--array=0-{n_tasks - 1}", *extra, str(SBATCH),
-           str(Path(spec_path).resolve()), str(out.resolve()), *overrides]
-    log("submitting: " + " ".join(cmd))
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"sbatch failed ({res.returncode}): {res.stderr.strip()}")
-    job = res.stdout.strip().split(";")[0]
-    log(f"submitted array job {job} ({n_tasks} tasks); when it finishes: "
-        f"sgtm study {spec_path} --out {out} --analyze")
-    return job
+    jobs = []
+    for gpus, indices in groups:
+        own = [f"--gres=gpu:{gpus}", f"--cpus-per-task={2 * gpus}"] if gpus > 1 else []
+        cmd = ["sbatch", "--parsable", f"--array={array_ranges(indices)}", *extra, *own,
+               str(SBATCH), str(Path(spec_path).resolve()), str(out.resolve()), *overrides]
+        log("submitting: " + " ".join(cmd))
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"sbatch failed ({res.returncode}): {res.stderr.strip()}")
+        jobs.append(res.stdout.strip().split(";")[0])
+        log(f"submitted array job {jobs[-1]} ({len(indices)} tasks, {gpus} GPU(s) each)")
+    log(f"when they finish: sgtm study {spec_path} --out {out} --analyze")
+    return jobs

@@ -128,6 +128,13 @@ def train_stage(spec: StudySpec, ctx: Context, run: RunSpec, log: Log) -> dict:
     if (rdir / "train.json").exists() and (rdir / "model.pt").exists():
         log(f"{run.run_id}: training done earlier, reusing")
         return json.loads((rdir / "train.json").read_text())
+    if size_by_name(spec, run.size).gpus > 1:
+        from .distributed import train_distributed
+
+        model, info = train_distributed(spec, ctx, run, log)
+        _save_model(model, rdir / "model.pt")
+        write_json(rdir / "train.json", info)
+        return info
     shard = str(ctx.shards_for(run, entry_of(spec, run)))
     seq = spec.train.seq_length
     docs = _docs(shard, "train")

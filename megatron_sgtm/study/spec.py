@@ -38,6 +38,10 @@ class SizeSpec:
     position_embedding: Literal["learned", "rope"] = "learned"
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     tie_embeddings: bool = True
+    # Processes (GPUs) per run of this size. 1: the in-process single-rank trainer; more:
+    # `sgtm train` under torchrun with this tensor parallelism (the rest data parallel).
+    gpus: int = 1
+    tensor_parallel: int = 1
 
     @property
     def query_groups(self) -> int:
@@ -73,7 +77,22 @@ class SizeSpec:
         out = [f"size {self.name}: {p}" for p in self.model_config(2, 2).problems()]
         if out:
             return out
-        return self.unit_problems(self.forget_heads, self.forget_mlp_units)
+        if self.gpus < 1 or self.tensor_parallel < 1 or self.gpus % self.tensor_parallel:
+            return [f"gpus {self.gpus} must be a positive multiple of tensor_parallel "
+                    f"{self.tensor_parallel} (size {self.name})"]
+        out = self.unit_problems(self.forget_heads, self.forget_mlp_units)
+        if not out and self.tensor_parallel > 1:
+            # The forget units must split evenly over the TP ranks (`sgtm train` checks it too,
+            # but only once the run starts).
+            from ..config import CoreConfig, PartitionConfig, RoutingConfig
+
+            core = CoreConfig(model=self.model_config(2, 2), routing=RoutingConfig(method="sgtm"),
+                              partition=PartitionConfig(forget_heads=self.forget_heads,
+                                                        forget_mlp_units=self.forget_mlp_units),
+                              tensor_parallel=self.tensor_parallel)
+            out = [f"tensor_parallel {self.tensor_parallel} (size {self.name}): {p}"
+                   for p in core.problems()]
+        return out
 
 
 @dataclass
@@ -89,14 +108,28 @@ class TrainSpec:
     curve_points: int = 8
     curve_eval_sequences: int = 8
     threads: int = 1
+    # Sequences per forward/backward (None: the whole batch); the batch accumulates them.
+    micro_batch_size: Optional[int] = None
+    # Cap on optimizer steps per run (None: the budget decides). For smoke runs of a large
+    # spec on a small machine; a capped run does not train its budget.
+    max_steps: Optional[int] = None
+
+    def steps_for(self, tokens: int) -> int:
+        steps = max(1, tokens // (self.seq_length * self.batch_size))
+        return steps if self.max_steps is None else min(steps, self.max_steps)
 
     def problems(self) -> list[str]:
         out = []
         for name in ("seq_length", "batch_size", "threads", "curve_points"):
             if getattr(self, name) <= 0:
-                out.append(f"train.{name}: must be positive")
+                out.append(f"{name}: must be positive")
+        if self.max_steps is not None and self.max_steps <= 0:
+            out.append("max_steps: must be positive (or null)")
+        micro = self.micro_batch_size
+        if micro is not None and (micro <= 0 or self.batch_size % micro):
+            out.append(f"micro_batch_size {micro} must divide batch_size {self.batch_size}")
         if not 0 <= self.warmup_fraction < 1:
-            out.append("train.warmup_fraction: must be in [0, 1)")
+            out.append("warmup_fraction: must be in [0, 1)")
         return out
 
 
@@ -137,9 +170,9 @@ class AttackSpec:
     def problems(self) -> list[str]:
         out = []
         if self.steps <= 0 or self.eval_every <= 0 or self.batch_size < 2:
-            out.append("attack: steps and eval_every must be positive, batch_size >= 2")
+            out.append("steps: steps and eval_every must be positive, batch_size >= 2")
         if not 0 <= self.warmup_steps < self.steps:
-            out.append(f"attack.warmup_steps: must be in [0, steps={self.steps}), got {self.warmup_steps}")
+            out.append(f"warmup_steps: must be in [0, steps={self.steps}), got {self.warmup_steps}")
         return out
 
 
@@ -151,6 +184,15 @@ class LeakageSpec:
     # Size/budget/seed of the series (None: the first of each in the spec).
     size: Optional[str] = None
     tokens: Optional[int] = None
+    # One series at each of these sizes instead of one `size` (leakage against model size).
+    sizes: Optional[list[str]] = None
+    # Which of a size's budgets its series trains at when `tokens` is unset (-1: the largest).
+    budget_index: int = 0
+
+    def series_sizes(self, spec_sizes: list[str]) -> list[str]:
+        if self.sizes is not None:
+            return list(self.sizes)
+        return [self.size or spec_sizes[0]]
 
 
 @dataclass
@@ -192,6 +234,30 @@ class StudySpec:
                 out.append(f"leakage.forget_shares: {s} is not in [0, 1]")
         if self.leakage.size is not None and self.leakage.size not in names:
             out.append(f"leakage.size {self.leakage.size!r} is not one of {names}")
+        if self.leakage.sizes is not None:
+            if self.leakage.size is not None:
+                out.append("leakage.size and leakage.sizes: set one, not both")
+            for name in self.leakage.sizes:
+                if name not in names:
+                    out.append(f"leakage.sizes: {name!r} is not one of {names}")
+        for size in self.sizes:
+            dp = size.gpus // max(1, size.tensor_parallel)
+            micro = self.train.micro_batch_size or max(1, self.train.batch_size // dp)
+            if size.gpus > 1 and self.train.batch_size % (micro * dp):
+                out.append(f"train.batch_size {self.train.batch_size} is not a multiple of "
+                           f"micro_batch_size {micro} x the {dp} data-parallel ranks of size "
+                           f"{size.name}")
+            if size.gpus > 1 and self.leakage.forget_shares and \
+                    size.name in self.leakage.series_sizes(names):
+                out.append(f"leakage: the baseline series trains in-process, one device; size "
+                           f"{size.name} has gpus {size.gpus} (pick another leakage size)")
+            n = len(size.tokens) if size.tokens else (1 if self.tokens_per_param is not None
+                                                      else len(self.token_budgets))
+            if (self.leakage.forget_shares and self.leakage.tokens is None
+                    and size.name in self.leakage.series_sizes(names)
+                    and not -n <= self.leakage.budget_index < n):
+                out.append(f"leakage.budget_index {self.leakage.budget_index} is outside the "
+                           f"{n} budget(s) of size {size.name}")
         out += entry_problems(self.methods)
         for name, entry in method_entries(self).items():
             overrides = (entry.forget_heads, entry.forget_mlp_units, entry.layers)
@@ -292,10 +358,12 @@ def expand(spec: StudySpec, vocab: int) -> list[RunSpec]:
                     for rate in rates:
                         runs.append(RunSpec("main", size.name, tokens, name, rate, seed,
                                             base_method=entry.base))
-    if spec.leakage.forget_shares:
-        size = size_by_name(spec, spec.leakage.size or spec.sizes[0].name)
-        tokens = spec.leakage.tokens or budgets_for(spec, size, vocab)[0]
-        for seed in spec.seeds[:1]:
-            for share in spec.leakage.forget_shares:
-                runs.append(RunSpec("leakage", size.name, tokens, "no_filter", None, seed, share))
+    leak = spec.leakage
+    if leak.forget_shares:
+        for name in leak.series_sizes([s.name for s in spec.sizes]):
+            size = size_by_name(spec, name)
+            tokens = leak.tokens or budgets_for(spec, size, vocab)[leak.budget_index]
+            for seed in spec.seeds[:1]:
+                for share in leak.forget_shares:
+                    runs.append(RunSpec("leakage", size.name, tokens, "no_filter", None, seed, share))
     return runs
