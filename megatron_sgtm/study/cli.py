@@ -4,6 +4,7 @@
     sgtm study SPEC --executor slurm [--sbatch-arg=...]              one SLURM array task per run
     sgtm study SPEC --task-index I                                   run task I (what SLURM calls)
     sgtm study SPEC --analyze                                        tables/fits/plots only
+    sgtm study SPEC --analyze --page docs/results.md                 also a markdown results page
     sgtm study SPEC --list                                           print the runs, run nothing
 
 Outputs under OUT: results.csv / results.jsonl (one row per run, status done|failed|pending),
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 from ..configbase import ConfigError
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch argument")
     p.add_argument("--analyze", action="store_true", help="only tabulate, fit and plot")
     p.add_argument("--list", action="store_true", help="list the runs and exit")
+    p.add_argument("--page", help="also write a markdown results page here (plots beside it)")
     return p
 
 
@@ -80,7 +83,7 @@ def finalize(spec, ctx, runs, out: Path) -> tuple[list[dict], dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .executors import prepare_data, run_parallel, run_sequential, submit_slurm
+    from .executors import prepare_data, run_parallel, run_sequential, slurm_groups, submit_slurm
     from .spec import expand, load_spec, method_entries
 
     spec = load_spec(args.spec, args.overrides)
@@ -103,15 +106,26 @@ def run(args: argparse.Namespace) -> int:
         return 1 if res[0].error else 0
     if args.executor == "slurm" and not args.analyze:
         try:
-            submit_slurm(args.spec, out, len(runs), args.overrides, args.sbatch_arg, _log)
+            submit_slurm(args.spec, out, slurm_groups(spec, runs), args.overrides,
+                         args.sbatch_arg, _log)
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
     if not args.analyze:
-        _log(f"study {spec.name}: {len(runs)} runs, {args.workers} worker(s), out {out}")
-        run_parallel(spec, ctx, runs, args.workers, _log)
-    rows, _ = finalize(spec, ctx, runs, out)
+        from .page import record_execution
+
+        todo = [r for r in runs if not (ctx.run_dir(r) / "result.json").exists()]
+        _log(f"study {spec.name}: {len(runs)} runs ({len(runs) - len(todo)} done earlier), "
+             f"{args.workers} worker(s), out {out}")
+        start = time.time()
+        run_parallel(spec, ctx, todo, args.workers, _log)
+        record_execution(out, start, args.workers, len(todo))
+    rows, result = finalize(spec, ctx, runs, out)
+    if args.page:
+        from .page import write_page
+
+        _log(f"results page: {write_page(spec, args.spec, out, rows, result, Path(args.page))}")
     failed = [r for r in rows if r["status"] == "failed"]
     return 1 if failed else 0
 
