@@ -14,8 +14,8 @@ def test_tiny_demo_table_plots_and_reuse(tmp_path, capsys):
     assert main(["--budget", "tiny", "--out", str(out), "--workers", "2"]) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
-    # no-filter once (label-free), the other three methods at rates 0 and 0.1
-    assert len(rows) == 7 and all(r["status"] == "done" for r in rows)
+    # no-filter once (label-free), the other four entries at rates 0 and 0.1
+    assert len(rows) == 9 and all(r["status"] == "done" for r in rows)
     table = json.loads((out / "table.json").read_text())
     assert {(t["method"], t["undiscovered_rate"]) for t in table} == {
         (m, r) for m in METHODS for r in (0.0, 0.1)}
@@ -24,6 +24,9 @@ def test_tiny_demo_table_plots_and_reuse(tmp_path, capsys):
         assert 0.0 <= t["generation_rate"][0] <= 1.0
     for m in METHODS:
         assert m in printed
+    # sgtm_me is SGTM with masked embeddings: its own run, ablated like sgtm.
+    me = {r["run_id"]: r for r in rows if r["method"] == "sgtm_me"}
+    assert len(me) == 2 and all(r["base_method"] == "sgtm" for r in me.values())
     assert (out / "table.txt").read_text().strip() in printed
     for png in ("tradeoff.png", "loss_curves.png"):
         assert (out / png).stat().st_size > 1000
@@ -33,7 +36,7 @@ def test_tiny_demo_table_plots_and_reuse(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.json")}
     stamps[out / "data/shards/manifest.json"] = (out / "data/shards/manifest.json").stat().st_mtime_ns
     assert main(["--budget", "tiny", "--out", str(out)]) == 0
-    assert "7 already done" in capsys.readouterr().err
+    assert "9 already done" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
