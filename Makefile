@@ -10,11 +10,19 @@ $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev,deepspeed,demo,eval]'
 	touch $@
 
-.PHONY: install test demo bench
+.PHONY: install test test-slow demo bench
 install: $(BIN)/.installed
 
+# Whole files per xdist worker: module-scoped fixtures (shards, torchrun results) build once.
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+
+# Everything but the `slow`-marked end-to-end runs; CI runs both targets.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(PYTEST) -m "not slow" tests
+
+# The slow ones (SLURM cluster, multi-process layouts, studies, demo); prints each one's cost.
+test-slow: $(BIN)/.installed
+	$(PYTEST) -m slow --durations=0 --durations-min=1 tests
 
 demo: $(BIN)/.installed
 	$(BIN)/sgtm demo
