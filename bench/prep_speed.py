@@ -29,15 +29,9 @@ def _cpu_seconds() -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    from megatron_sgtm.machine import cpu_model
+
+    return f"{platform.node()}: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def main() -> int:
