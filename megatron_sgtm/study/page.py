@@ -228,7 +228,10 @@ def write_page(spec, spec_path: str, out: Path, rows: list[dict], analysis: dict
         *comparison_table(comps), "",
         "## Leakage", "",
         "Equivalent forget tokens (from the no-filter baseline series of the same width and "
-        "budget) per undiscovered forget token seen; 0: nothing leaked, 1: as if unfiltered.", "",
+        "budget) per undiscovered forget token seen; 0: nothing leaked, 1: as if unfiltered. "
+        "Values well above 1 come where the baseline series is nearly flat (a model too small "
+        "or too briefly trained for the forget share to move its forget loss much): there the "
+        "metric saturates and says only that ablation removed little.", "",
         *leakage_table(analysis.get("leakage", []), ne), ""]
     page.parent.mkdir(parents=True, exist_ok=True)
     tmp = page.with_name(f".{page.name}.tmp{os.getpid()}")
