@@ -2,10 +2,13 @@
 
 Usage: python bench/sgtm_overhead.py [--layers 4 --hidden 256 --seq 128 --batch 8 --steps 20]
                                      [--repeat N] [--profile] [--labels 2,2,1,1,0,0,0,0]
+                                     [--path sequences|tokens]
 Prints the machine, both median step times and their ratio (target <= 1.05 on CPU).
 ``--repeat N`` runs N trials (each interleaving on/off steps) and prints the ratio's min,
 median and max, so one run states its own noise. ``--profile`` prints a torch.profiler
 breakdown of one SGTM-on and one masking-off step by op category and the top ops by self time.
+``--path tokens`` measures the per-token gather path instead of the copy-free one (the
+"before" of the copy-free change, still taken by mixed-label sequences and compiled graphs).
 """
 from __future__ import annotations
 
@@ -53,6 +56,10 @@ def main() -> None:
                              "a quarter retain-path, the rest unlabeled)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: this process's CPU time (less distorted on a shared machine)")
+    parser.add_argument("--path", choices=("sequences", "tokens"), default="sequences",
+                        help="SGTM's masking path: the copy-free per-sequence one (default) or "
+                             "the per-token gather path it replaced, which mixed-label "
+                             "sequences and compiled graphs still take")
     parser.add_argument("--profile", action="store_true", help="print a per-op breakdown")
     parser.add_argument("--top", type=int, default=15, help="ops listed by --profile")
     args = parser.parse_args()
@@ -96,7 +103,7 @@ def main() -> None:
 
     def step(model):
         start = clock()
-        with route(labels):
+        with route(labels, use_spans=args.path == "sequences"):
             loss = model(inputs, pos, None, labels=targets).mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -115,7 +122,7 @@ def main() -> None:
           f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"model: {args.layers} layers, d {args.hidden}, seq {args.seq}, batch {args.batch}; "
-          f"labels per sequence {per_seq}")
+          f"labels per sequence {per_seq}; masking path: {args.path}")
     ratios = []
     for _ in range(args.repeat):
         off, on = trial()
