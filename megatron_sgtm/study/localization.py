@@ -91,11 +91,16 @@ def entries_by_base(rows: list[dict]) -> dict[str, list[str]]:
     return dict(out)
 
 
+def non_embedding_params(rows: list[dict]) -> dict[str, float]:
+    """Size name -> its non-embedding parameter count, from the finished runs' rows."""
+    return {r["size"]: float(r["non_embedding_params"]) for r in rows
+            if r.get("status") == "done" and r.get("non_embedding_params") not in (None, "")}
+
+
 def comparisons(rows: list[dict]) -> list[Comparison]:
     """Every SGTM entry against every Gradient Routing and weak-filter entry, per cell."""
     by_base = entries_by_base(rows)
-    ne_params = {r["size"]: float(r["non_embedding_params"]) for r in rows
-                 if r.get("status") == "done" and r.get("non_embedding_params") not in (None, "")}
+    ne_params = non_embedding_params(rows)
     refs = by_base.get("gradient_routing", []) + by_base.get("weak_filter", [])
     out = []
     for (size, tokens, rate), points in cells(rows).items():

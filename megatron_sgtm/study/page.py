@@ -188,8 +188,7 @@ def write_page(spec, spec_path: str, out: Path, rows: list[dict], analysis: dict
     """The markdown page at ``page``; its plots in a folder named after it."""
     cells = loc.cells(rows)
     comps = loc.comparisons(rows)
-    ne = {r["size"]: float(r["non_embedding_params"]) for r in rows
-          if r.get("status") == "done" and r.get("non_embedding_params") not in (None, "")}
+    ne = loc.non_embedding_params(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows if r.get("kind") == "main"))
     pdir = page.with_suffix("")
     gap_plot(comps, pdir / "gaps.png")
