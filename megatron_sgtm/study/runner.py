@@ -122,8 +122,6 @@ def _load_model(spec: StudySpec, ctx: Context, run: RunSpec, path: Optional[Path
 
 
 def train_stage(spec: StudySpec, ctx: Context, run: RunSpec, log: Log) -> dict:
-    from .engine import seed_all, train_run
-
     rdir = ctx.run_dir(run)
     if (rdir / "train.json").exists() and (rdir / "model.pt").exists():
         log(f"{run.run_id}: training done earlier, reusing")
@@ -132,9 +130,17 @@ def train_stage(spec: StudySpec, ctx: Context, run: RunSpec, log: Log) -> dict:
         from .distributed import train_distributed
 
         model, info = train_distributed(spec, ctx, run, log)
-        _save_model(model, rdir / "model.pt")
-        write_json(rdir / "train.json", info)
-        return info
+    else:
+        model, info = _train_in_process(spec, ctx, run, log)
+    _save_model(model, rdir / "model.pt")
+    write_json(rdir / "train.json", info)
+    return info
+
+
+def _train_in_process(spec: StudySpec, ctx: Context, run: RunSpec, log: Log):
+    """(trained model, train.json info) from the single-rank trainer on packed data."""
+    from .engine import seed_all, train_run
+
     shard = str(ctx.shards_for(run, entry_of(spec, run)))
     seq = spec.train.seq_length
     docs = _docs(shard, "train")
@@ -149,10 +155,7 @@ def train_stage(spec: StudySpec, ctx: Context, run: RunSpec, log: Log) -> dict:
     model = _load_model(spec, ctx, run, None)
     outcome = train_run(model, packed, spec.train, run.tokens, run.seed, curve_sets,
                         progress=lambda m: log(f"{run.run_id}: {m}"))
-    _save_model(model, rdir / "model.pt")
-    info = asdict(outcome) | {"train_sequences_available": len(packed)}
-    write_json(rdir / "train.json", info)
-    return info
+    return model, asdict(outcome) | {"train_sequences_available": len(packed)}
 
 
 def _eval_sets(spec: StudySpec, shard: str) -> dict:
