@@ -138,19 +138,25 @@ def main() -> None:
     destroy_parallel()
 
 
-def profile(models, step, top: int) -> None:
+def profile(models, step, top: int, rounds: int = 5) -> None:
+    """Per op, the median over ``rounds`` of its self CPU time in one profiled step; the
+    rounds alternate the two models, so a slow spell on a shared machine hits both."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    tables = {}
-    for name, model in models.items():
+    for model in models.values():
         for _ in range(2):
             step(model)  # warm caches outside the profile
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
+    samples = {name: {} for name in models}  # name -> op -> [(self us, calls) per round]
+    for _ in range(rounds):
+        for name, model in models.items():
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 step(model)
-        tables[name] = [(e.key, e.self_cpu_time_total / 3, e.count // 3)
-                        for e in prof.key_averages()]
-    print("\nper-step self CPU time by category (ms), from 3 profiled steps:")
+            for e in prof.key_averages():
+                samples[name].setdefault(e.key, []).append((e.self_cpu_time_total, e.count))
+    tables = {name: [(key, statistics.median(us for us, _ in runs), runs[0][1])
+                     for key, runs in ops.items()] for name, ops in samples.items()}
+    print(f"\nper-step self CPU time by category (ms), per-op medians of {rounds} alternating "
+          "profiled steps:")
     cats = [label for label, _ in CATEGORIES] + ["other"]
     per = {name: {c: 0.0 for c in cats} for name in tables}
     for name, rows in tables.items():
