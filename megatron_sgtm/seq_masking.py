@@ -6,10 +6,10 @@ activations. Such a column is a strided 2-D matrix that BLAS reads in place. The
 orders each micro-batch's sequences by label, so each label is a few contiguous spans.
 
 - A weight gradient is one GEMM per sequence allowed to update the whole weight (one GEMM
-  in all when that is the whole batch) on views of the activations; each sequence that may
-  update only the forget units then adds one narrow GEMM into the unit rows/columns. The
-  FLOPs never exceed the unmasked GEMM's: per-sequence weight-gradient GEMMs contract over
-  the sequence and cost no more per FLOP than one batch-wide GEMM on CPU.
+  in all when that is the whole batch) on views of the activations; each span of sequences
+  that may update only the forget units then adds one narrow GEMM into the unit rows or
+  columns. The FLOPs never exceed the unmasked GEMM's: per-sequence weight-gradient GEMMs
+  contract over the sequence and cost no more per FLOP than one batch-wide GEMM on CPU.
 - A row layer's input gate (retain path, Gradient Routing's detach, activation masking) is
   one transient copy of the input with each gated sequence's switched-off columns zeroed,
   feeding one batch-wide GEMM. Per-sequence forward GEMMs run ~30% slower than one
@@ -143,14 +143,16 @@ class Units:
             tensor.index_fill_(dim, self.index(tensor.device, part), 0.0)
         return tensor
 
-    def columns(self, t2d: torch.Tensor) -> torch.Tensor:
-        """``t2d[:, units]``: a view for one run, else a narrow copy."""
+    def columns(self, t: torch.Tensor) -> torch.Tensor:
+        """``t[..., units]`` as a ``[rows, units]`` matrix: a view of a 2-D ``t`` when the
+        units are one run, else a copy of only the unit columns."""
+        count = sum(stop - start for start, stop in self.runs)
         if len(self.runs) == 1:
             start, stop = self.runs[0]
-            return t2d[:, start:stop]
+            return t[..., start:stop].reshape(-1, count)
         if self.grid is not None:
-            return self._grid_parts(t2d, 1, UNITS)[0].reshape(t2d.shape[0], -1)
-        return t2d.index_select(1, self.index(t2d.device))
+            return self._grid_parts(t, t.dim() - 1, UNITS)[0].reshape(-1, count)
+        return t.index_select(-1, self.index(t.device)).reshape(-1, count)
 
     def write(self, grad: torch.Tensor, dim: int, piece: torch.Tensor,
               accumulate: bool = False) -> None:
@@ -190,8 +192,8 @@ def seq_weight_grad(go: torch.Tensor, x: torch.Tensor, wide: Spans, unit: Spans,
     layers) or columns (row layers).
 
     One GEMM per ``wide`` sequence (one in all when that is the whole batch), each reading
-    ``[s, h]`` views in place; then each sequence that may update only the units adds a
-    narrow GEMM into the unit slice. Per-sequence weight-gradient GEMMs contract over the
+    ``[s, h]`` views in place; then each span of sequences that may update only the units adds
+    one narrow GEMM into the unit slice. Per-sequence weight-gradient GEMMs contract over the
     sequence and run as fast per FLOP as one batch-wide GEMM on CPU, so skipping the
     excluded sequences' share makes this no slower than the unmasked GEMM."""
     dtype = _gemm_dtype(go, x)
@@ -201,8 +203,9 @@ def seq_weight_grad(go: torch.Tensor, x: torch.Tensor, wide: Spans, unit: Spans,
         grad = go.reshape(-1, go.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
     else:
         grad = None
+        go_seqs, x_seqs = go.unbind(1), x.unbind(1)  # [s, n] and [s, h] views per sequence
         for b in sequences(wide):
-            go_b, x_b = go.select(1, b).t(), x.select(1, b)
+            go_b, x_b = go_seqs[b].t(), x_seqs[b]
             grad = go_b.mm(x_b) if grad is None else grad.addmm_(go_b, x_b)
         if grad is None:
             grad = go.new_zeros(go.shape[-1], x.shape[-1])
@@ -210,10 +213,10 @@ def seq_weight_grad(go: torch.Tensor, x: torch.Tensor, wide: Spans, unit: Spans,
         return grad
     if without(wide, unit):  # some sequences update all but the units: overwrite them
         return _overwrite_units(grad, go, x, unit, units, on_rows)
-    for b in sequences(without(unit, wide)):
-        go_b, x_b = go.select(1, b), x.select(1, b)
-        piece = (units.columns(go_b).t().mm(x_b) if on_rows
-                 else go_b.t().mm(units.columns(x_b)))
+    for start, stop in without(unit, wide):  # one narrow GEMM per span of such sequences
+        go_s, x_s = go[:, start:stop], x[:, start:stop]
+        piece = (units.columns(go_s).t().mm(x_s.reshape(-1, x.shape[-1])) if on_rows
+                 else go_s.reshape(-1, go.shape[-1]).t().mm(units.columns(x_s)))
         units.write(grad, 0 if on_rows else 1, piece, accumulate=True)
     return grad
 
