@@ -203,10 +203,11 @@ def seq_weight_grad(go: torch.Tensor, x: torch.Tensor, wide: Spans, unit: Spans,
         grad = go.reshape(-1, go.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
     else:
         grad = None
-        go_seqs, x_seqs = go.unbind(1), x.unbind(1)  # [s, n] and [s, h] views per sequence
+        # Per sequence, [n, s] and [s, h] views: one dispatch each for the whole batch.
+        go_seqs, x_seqs = go.permute(1, 2, 0).unbind(0), x.unbind(1)
         for b in sequences(wide):
-            go_b, x_b = go_seqs[b].t(), x_seqs[b]
-            grad = go_b.mm(x_b) if grad is None else grad.addmm_(go_b, x_b)
+            grad = (go_seqs[b].mm(x_seqs[b]) if grad is None
+                    else grad.addmm_(go_seqs[b], x_seqs[b]))
         if grad is None:
             grad = go.new_zeros(go.shape[-1], x.shape[-1])
     if not units.runs or unit == wide:
