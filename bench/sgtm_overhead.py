@@ -6,9 +6,10 @@ Usage: python bench/sgtm_overhead.py [--layers 4 --hidden 256 --seq 128 --batch 
 Prints the machine, both median step times and their ratio (target <= 1.05 on CPU).
 ``--repeat N`` runs N trials (each interleaving on/off steps) and prints the ratio's min,
 median and max, so one run states its own noise. ``--profile`` prints a torch.profiler
-breakdown of one SGTM-on and one masking-off step by op category and the top ops by self time.
-``--path tokens`` measures the per-token gather path instead of the copy-free one (the
-"before" of the copy-free change, still taken by mixed-label sequences and compiled graphs).
+breakdown by op category and the top ops by self time: per op, the median over alternating
+profiled steps of the SGTM-on and masking-off models.
+``--path tokens`` measures the per-token gather path instead of the per-sequence one (taken by
+mixed-label sequences and compiled graphs).
 """
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: this process's CPU time (less distorted on a shared machine)")
     parser.add_argument("--path", choices=("sequences", "tokens"), default="sequences",
-                        help="SGTM's masking path: the copy-free per-sequence one (default) or "
-                             "the per-token gather path it replaced, which mixed-label "
-                             "sequences and compiled graphs still take")
+                        help="SGTM's masking path: the per-sequence one (default) or the "
+                             "per-token gather path, which mixed-label sequences and "
+                             "compiled graphs take")
     parser.add_argument("--profile", action="store_true", help="print a per-op breakdown")
     parser.add_argument("--top", type=int, default=15, help="ops listed by --profile")
     args = parser.parse_args()

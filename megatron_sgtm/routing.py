@@ -76,7 +76,7 @@ class TokenRouting:
     """
 
     labels: torch.Tensor  # [b, s] integer tensor as given by the data loader
-    # Take the copy-free per-sequence path (seq_masking.py) where the labels allow it; False
+    # Take the per-sequence path (seq_masking.py) where the labels allow it; False
     # forces the per-token path everywhere (tests compare the two).
     use_spans: bool = True
     # Sequence parallelism: (TP rank, TP size). Norms, row-layer biases and the embedding see

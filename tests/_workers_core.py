@@ -171,7 +171,7 @@ def reference_grads(core, full_state, tokens, targets, labels):
 
 # ---------------------------------------------------------------- code under test
 def routed_grads(core, full_state, tokens, targets, labels, tp, rank, use_spans=True):
-    """``use_spans``: the copy-free per-sequence path (seq_masking.py) where labels allow it;
+    """``use_spans``: the per-sequence path (seq_masking.py) where labels allow it;
     False forces the per-token path (masking.py)."""
     from megatron_sgtm.model import build_model
     from megatron_sgtm.routing import route

@@ -55,7 +55,7 @@ def _assert_grads_close(ours: dict, ref: dict, what: str):
 
 
 CASES = [(f, r) for f in MODEL_FAMILIES for r in ROUTINGS]
-# "ours": the copy-free per-sequence path (seq_masking.py); "ours_tokens": the per-token path
+# "ours": the per-sequence path (seq_masking.py); "ours_tokens": the per-token path
 # (masking.py), which serves labels that change inside a sequence and compiled graphs.
 PATHS = ["ours", "ours_tokens"]
 

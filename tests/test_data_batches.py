@@ -41,7 +41,7 @@ def test_batch_fields_and_label_homogeneity(split):
 
 def test_micro_batches_are_ordered_by_label(split):
     """Forget, then retain-path, then unlabeled sequences: each label one contiguous range,
-    as the copy-free masking path wants; the global sample order decides which samples."""
+    as the per-sequence masking path wants; the global sample order decides which samples."""
     tb = TrainBatches(split, SEQ, MBS, 0, 1, seed=0, method="sgtm")
     for step, b in enumerate(_take(tb, 20)):
         labels = b["sample_label"].tolist()

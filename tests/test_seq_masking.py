@@ -1,4 +1,4 @@
-"""The copy-free masking path (seq_masking.py) against plain set arithmetic and dense,
+"""The per-sequence masking path (seq_masking.py) against plain set arithmetic and dense,
 per-sequence masked references: span algebra, unit layouts (one run, block-strided grids,
 irregular runs, none), the row-layer plans of every method, and both masked linears on every
 label mix of a small batch."""

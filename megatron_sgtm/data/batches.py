@@ -146,7 +146,7 @@ class TrainBatches:
         """This rank's micro-batch for the micro-step that starts at global position ``consumed``."""
         samples = self.global_samples(consumed + self.dp_rank * self.mbs, self.mbs)
         # Sequences ordered by routing label (forget, retain, unlabeled), so each label is one
-        # contiguous range of the batch dimension for the copy-free masking path
+        # contiguous range of the batch dimension for the per-sequence masking path
         # (seq_masking.py). The order inside a micro-batch changes no result: the loss is a
         # mean over its tokens and attention stays inside a sequence.
         samples = samples[np.argsort(-self.index.routing_label[samples], kind="stable")]
