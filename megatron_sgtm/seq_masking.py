@@ -318,17 +318,16 @@ class RowPlan:
     """Row layer (proj, fc2): per class of sequences, the weight columns its forward uses and
     its input gradient reaches; and which sequences update which weight columns."""
 
-    forward_parts: tuple[tuple[Spans, str], ...]  # (spans, part) with part != ALL somewhere
+    # (block, spans): the input columns (UNITS or OTHERS) zeroed for those sequences in the
+    # forward's gated input copy; empty when no sequence's forward is gated.
+    forward_zero: tuple[tuple[str, Spans], ...]
     dgrad_zero: tuple[tuple[Spans, str], ...]  # (spans, part of the input gradient zeroed)
     wide: Spans  # sequences updating the non-unit weight columns
     unit: Spans  # sequences updating the forget-unit weight columns
-    # (block, spans): the input columns (UNITS or OTHERS) zeroed for those sequences in the
-    # forward's gated input copy.
-    forward_zero: tuple[tuple[str, Spans], ...] = ()
 
     @property
     def gates_forward(self) -> bool:
-        return any(part != ALL for _spans, part in self.forward_parts)
+        return bool(self.forward_zero)
 
     @staticmethod
     def of(routing: TokenRouting, rule, masked_wgrad: bool) -> "RowPlan":
@@ -349,16 +348,14 @@ class RowPlan:
         classes = ((spans[UNLABELED], ALL, ALL, ALL), (spans[RETAIN], retain, retain, retain),
                    (spans[FORGET],) + forget)
         zero_of = {OTHERS: UNITS, UNITS: OTHERS}
-        wide = merged(x for s, _, _, w in classes if w in (ALL, OTHERS) for x in s)
-        unit = merged(x for s, _, _, w in classes if w in (ALL, UNITS) for x in s)
         # A sequence whose forward uses only one block has the other block zeroed.
         forward_zero = {block: merged(x for s, fwd, _, _ in classes if fwd == zero_of[block]
                                       for x in s) for block in (OTHERS, UNITS)}
         return RowPlan(
-            forward_parts=tuple((s, fwd) for s, fwd, _, _ in classes if s),
+            forward_zero=tuple((b, z) for b, z in forward_zero.items() if z),
             dgrad_zero=tuple((s, zero_of[d]) for s, _, d, _ in classes if s and d != ALL),
-            wide=wide, unit=unit,
-            forward_zero=tuple((b, z) for b, z in forward_zero.items() if z))
+            wide=merged(x for s, _, _, w in classes if w in (ALL, OTHERS) for x in s),
+            unit=merged(x for s, _, _, w in classes if w in (ALL, UNITS) for x in s))
 
 
 def _zero_blocks(x: torch.Tensor, blocks: tuple[tuple[str, Spans], ...], units: Units) -> None:
