@@ -46,10 +46,14 @@ def test_checkpoint_integrity_bench_prints_its_ratios(tmp_path):
 @pytest.mark.parametrize("path", ["sequences", "tokens"])
 def test_overhead_bench_prints_a_ratio(tmp_path, path):
     proc = _run(["bench/sgtm_overhead.py", "--layers", "1", "--hidden", "64", "--seq", "16",
-                 "--batch", "4", "--steps", "2", "--threads", "1", "--path", path], tmp_path)
+                 "--batch", "4", "--steps", "2", "--threads", "1", "--path", path,
+                 "--profile"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step-time ratio" in proc.stdout and "machine:" in proc.stdout
     assert f"masking path: {path}" in proc.stdout
+    # The profile: per-op medians of alternating steps, a category table and the top ops.
+    assert "per-op medians of 5 alternating profiled steps" in proc.stdout
+    assert "aten::mm" in proc.stdout.split("top 15 ops")[1]
 
 
 @pytest.mark.slow
