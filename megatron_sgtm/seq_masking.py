@@ -8,15 +8,16 @@ orders each micro-batch's sequences by label, so each label is a few contiguous 
 - A weight gradient is one GEMM per sequence allowed to update the whole weight (one GEMM
   in all when that is the whole batch) on views of the activations; each span of sequences
   that may update only the forget units then adds one narrow GEMM into the unit rows or
-  columns. The FLOPs never exceed the unmasked GEMM's: per-sequence weight-gradient GEMMs
-  contract over the sequence and cost no more per FLOP than one batch-wide GEMM on CPU.
-- A row layer's input gate (retain path, Gradient Routing's detach, activation masking) is
-  one transient copy of the input with each gated sequence's switched-off columns zeroed,
-  feeding one batch-wide GEMM. Per-sequence forward GEMMs run ~30% slower than one
-  batch-wide GEMM for the same FLOPs, so this one copy is cheaper than avoiding it. Backward
-  keeps the ungated input (no activation memory is added); its weight gradient is the rule
-  above, and its input gradient one GEMM whose gated columns are zeroed in place per
-  sequence range.
+  columns. The FLOPs never exceed the unmasked GEMM's. A per-sequence GEMM contracts over
+  one sequence and, on CPU, runs 3-20% slower per FLOP than one batch-wide GEMM (the most
+  for small weights), so skipping a quarter of the batch's share already pays for it.
+- A row layer's input gate (retain path, Gradient Routing's detach, activation masking)
+  zeroes each gated sequence's switched-off input columns in place for one batch-wide GEMM
+  and writes them back bitwise after it (only those entries are copied). Per-sequence
+  forward GEMMs run ~30% slower than one batch-wide GEMM for the same FLOPs, and a gated
+  copy of the whole input costs a fresh activation-sized buffer. Backward keeps the ungated
+  input (no activation memory is added); its weight gradient is the rule above, and its
+  input gradient one GEMM whose gated columns are zeroed in place per sequence range.
 - Bias and norm-affine gradients are one reduction over the sequence dimension, then sums of
   a few ``[b, n]`` rows.
 - Unit slices are strided views where the forget units lie on a grid (one run, or the same
@@ -29,7 +30,7 @@ while per-sequence loops would specialise the graph on every label layout).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -101,7 +102,7 @@ def grid(runs: Runs, width: int) -> Optional[tuple[int, int, int, int]]:
 
 class Units:
     """One linear's local forget units (rows of a column layer, input columns of a row layer)
-    out of ``width``: their runs, and index tensors cached per device.
+    out of ``width``: their runs, and index and mask tensors cached per device.
 
     Units laid out on a ``grid`` (one run, or the same offsets in equal blocks, as
     block-strided placement makes them) are reached through strided views that split the
@@ -120,6 +121,16 @@ class Units:
             runs = self.runs if part == UNITS else self.others
             ids = [i for start, stop in runs for i in range(start, stop)]
             self._index[key] = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._index[key]
+
+    def mask(self, device) -> torch.Tensor:
+        """``[width]`` booleans, True on the units."""
+        key = ("mask", str(device))
+        if key not in self._index:
+            flags = torch.zeros(self.width, dtype=torch.bool)
+            for start, stop in self.runs:
+                flags[start:stop] = True
+            self._index[key] = flags.to(device)
         return self._index[key]
 
     def _grid_parts(self, tensor: torch.Tensor, dim: int, part: str) -> list[torch.Tensor]:
@@ -142,6 +153,25 @@ class Units:
         else:
             tensor.index_fill_(dim, self.index(tensor.device, part), 0.0)
         return tensor
+
+    def zero_restorably(self, tensor: torch.Tensor, dim: int, part: str) -> Callable[[], None]:
+        """``zero`` that first keeps a copy of only the zeroed entries; the returned function
+        writes them back, bitwise."""
+        if not self.runs:
+            if part == UNITS:
+                return lambda: None
+            views = [tensor]
+        elif self.grid is not None:
+            views = self._grid_parts(tensor, dim, part)
+        else:
+            index = self.index(tensor.device, part)
+            kept = tensor.index_select(dim, index)
+            tensor.index_fill_(dim, index, 0.0)
+            return lambda: tensor.index_copy_(dim, index, kept)
+        kept = [view.clone() for view in views]
+        for view in views:
+            view.zero_()
+        return lambda: [view.copy_(piece) for view, piece in zip(views, kept)]
 
     def columns(self, t: torch.Tensor) -> torch.Tensor:
         """``t[..., units]`` as a ``[rows, units]`` matrix: a view of a 2-D ``t`` when the
@@ -191,52 +221,37 @@ def seq_weight_grad(go: torch.Tensor, x: torch.Tensor, wide: Spans, unit: Spans,
     sequences reach all of it, ``unit`` sequences the forget-unit rows (``on_rows``, column
     layers) or columns (row layers).
 
-    One GEMM per ``wide`` sequence (one in all when that is the whole batch), each reading
-    ``[s, h]`` views in place; then each span of sequences that may update only the units adds
-    one narrow GEMM into the unit slice. Per-sequence weight-gradient GEMMs contract over the
-    sequence and run as fast per FLOP as one batch-wide GEMM on CPU, so skipping the
-    excluded sequences' share makes this no slower than the unmasked GEMM."""
+    Per-sequence GEMMs on ``[n, s]``/``[s, h]`` views (one GEMM in all where every sequence
+    reaches the whole weight): first the sequences that reach all but the units, whose sum has
+    its unit slice zeroed (cheaper than recomputing the slice over the other sequences); then
+    those reaching everything; then each span of sequences reaching only the units adds one
+    narrow GEMM into the unit slice."""
     dtype = _gemm_dtype(go, x)
     go, x = _cast(go, dtype), _cast(x, dtype)
-    batch = go.shape[1]
-    if _covers(wide, batch):
+    batch, unit_dim = go.shape[1], 0 if on_rows else 1
+    if not units.runs:
+        unit = wide  # no unit slice: the weight is what ``wide`` sequences reach
+    others_only, units_only = without(wide, unit), without(unit, wide)
+    both = without(wide, others_only)
+    if not others_only and _covers(both, batch):
         grad = go.reshape(-1, go.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
     else:
         grad = None
         # Per sequence, [n, s] and [s, h] views: one dispatch each for the whole batch.
         go_seqs, x_seqs = go.permute(1, 2, 0).unbind(0), x.unbind(1)
-        for b in sequences(wide):
-            grad = (go_seqs[b].mm(x_seqs[b]) if grad is None
-                    else grad.addmm_(go_seqs[b], x_seqs[b]))
+        for part, spans in ((OTHERS, others_only), (ALL, both)):
+            for b in sequences(spans):
+                grad = (go_seqs[b].mm(x_seqs[b]) if grad is None
+                        else grad.addmm_(go_seqs[b], x_seqs[b]))
+            if part == OTHERS and grad is not None:
+                units.zero(grad, unit_dim, UNITS)
         if grad is None:
             grad = go.new_zeros(go.shape[-1], x.shape[-1])
-    if not units.runs or unit == wide:
-        return grad
-    if without(wide, unit):  # some sequences update all but the units: overwrite them
-        return _overwrite_units(grad, go, x, unit, units, on_rows)
-    for start, stop in without(unit, wide):  # one narrow GEMM per span of such sequences
+    for start, stop in units_only:  # one narrow GEMM per span of such sequences
         go_s, x_s = go[:, start:stop], x[:, start:stop]
         piece = (units.columns(go_s).t().mm(x_s.reshape(-1, x.shape[-1])) if on_rows
                  else go_s.reshape(-1, go.shape[-1]).t().mm(units.columns(x_s)))
-        units.write(grad, 0 if on_rows else 1, piece, accumulate=True)
-    return grad
-
-
-def _overwrite_units(grad, go, x, unit: Spans, units: Units, on_rows: bool) -> torch.Tensor:
-    """Set the unit slice of ``grad`` to one narrow GEMM over the ``unit`` sequences (the
-    others zeroed in a narrow copy)."""
-    batch = go.shape[1]
-    go2d, x2d = go.reshape(-1, go.shape[-1]), x.reshape(-1, x.shape[-1])
-    narrow = units.columns(go2d if on_rows else x2d)
-    if narrow._base is not None:  # a view of the activations: never write into it
-        narrow = narrow.clone(memory_format=torch.contiguous_format)
-    per_seq = narrow.view(go.shape[0], batch, -1)
-    for start, stop in complement(unit, batch):
-        per_seq[:, start:stop] = 0.0
-    if on_rows:
-        units.write(grad, 0, narrow.t().mm(x2d))
-    else:
-        units.write(grad, 1, go2d.t().mm(narrow))
+        units.write(grad, unit_dim, piece, accumulate=True)
     return grad
 
 
@@ -254,8 +269,7 @@ def seq_bias_grad(go: torch.Tensor, wide: Spans, unit: Spans, units: Units) -> t
     per_seq = go.sum(0, dtype=torch.float32)  # [b, n]: one pass over the activations
     grad = _sum_rows(per_seq, wide)
     if units.runs and unit != wide:
-        from_units = _sum_rows(per_seq, unit).unsqueeze(0)
-        units.write(grad.unsqueeze(0), 1, units.columns(from_units))
+        grad = torch.where(units.mask(go.device), _sum_rows(per_seq, unit), grad)
     return _cast(grad, go.dtype)
 
 
@@ -365,27 +379,48 @@ def _zero_blocks(x: torch.Tensor, blocks: tuple[tuple[str, Spans], ...], units: 
             units.zero(x[:, start:stop], 2, block)
 
 
+def _gemm_gated_in_place(x: torch.Tensor, weight: torch.Tensor,
+                         blocks: tuple[tuple[str, Spans], ...], units: Units) -> torch.Tensor:
+    """``x @ weight^T`` with ``blocks`` of input columns zeroed, computed in ``x``'s own memory:
+    the gated entries (a few sequences' unit columns) are kept aside, zeroed, and written back
+    bitwise once the GEMM has read them. This goes through ``x.data``, whose version counter
+    is separate, because other autograd nodes may have saved ``x`` (SDPA saves the attention
+    output that is proj's input): its values are what they saved again before any backward
+    can read them, and a version bump would make autograd reject them."""
+    raw = x.data
+    restores = [units.zero_restorably(raw[:, start:stop], 2, block)
+                for block, spans in blocks for start, stop in spans]
+    try:
+        return torch.matmul(raw, weight.t())
+    finally:
+        for restore in reversed(restores):
+            restore()
+
+
 class SeqRoutedRowLinear(torch.autograd.Function):
     """Row layer GEMM with its input gate and masked weight gradient.
 
     ``x`` is the ungated input, and what backward keeps (so activation memory is as without
-    masking). When some sequence's forward is gated, one transient copy of the input with the
-    gated columns zeroed per sequence feeds one batch-wide GEMM: faster on CPU than
+    masking). When some sequence's forward is gated, one batch-wide GEMM reads the input with
+    the gated columns zeroed in place and restored afterwards (``_gemm_gated_in_place``):
+    faster on CPU than a gated copy of the whole input (a fresh activation-sized buffer),
     per-sequence forward GEMMs (~30% slower for the same FLOPs) or a contraction split into
-    unit and other columns (two copies when block-strided placement makes the units several
-    runs). Zeroing a sequence's input columns is exactly multiplying it by the weight with
-    those columns zeroed."""
+    unit and other columns. Zeroing a sequence's input columns is exactly multiplying it by
+    the weight with those columns zeroed."""
 
     @staticmethod
     @_custom_fwd
     def forward(ctx, x, weight, plan: RowPlan, units: Units):
         ctx.plan, ctx.units = plan, units
         ctx.save_for_backward(x, weight)
-        if plan.gates_forward:
-            dtype = _gemm_dtype(x, weight)
-            x = x.clone() if x.dtype == dtype else x.to(dtype)
-            _zero_blocks(x, plan.forward_zero, units)
-        return torch.matmul(x, _cast(weight, x.dtype).t())
+        if not plan.gates_forward:
+            return torch.matmul(x, _cast(weight, x.dtype).t())
+        dtype = _gemm_dtype(x, weight)
+        if x.dtype == dtype and x.is_contiguous():
+            return _gemm_gated_in_place(x, weight, plan.forward_zero, units)
+        gated = x.to(dtype, copy=True)  # autocast (or a strided input): the cast is the copy
+        _zero_blocks(gated, plan.forward_zero, units)
+        return torch.matmul(gated, _cast(weight, dtype).t())
 
     @staticmethod
     @_custom_bwd

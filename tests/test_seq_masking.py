@@ -168,6 +168,36 @@ def test_row_linear_equals_dense_masked_reference_on_every_label_mix(method, lay
             torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["one_run", "grid", "irregular", "none"])
+@pytest.mark.parametrize("method", METHODS)
+def test_gated_forward_gives_its_input_back_bitwise(method, layout):
+    """The row layer zeroes gated input columns in place for its GEMM. Its input here is an
+    ``exp`` output, which ``exp``'s backward reads: it must be bitwise what it was, with no
+    version bump (autograd would reject it), and every gradient still the dense reference's;
+    so must a strided input, which takes the copy path instead."""
+    runs = LAYOUTS[layout]
+    units, unit_ids = Units(runs, 16), members(runs)
+    gen = torch.Generator().manual_seed(3)
+    rule = linear_rule(method, "default", "fc2")
+    for mix in label_mixes():
+        plan = RowPlan.of(routing_of(mix), rule, method == "sgtm")
+        base = torch.randn(3, BATCH, 16, generator=gen, requires_grad=True)
+        w = torch.randn(5, 16, generator=gen)
+        go = torch.randn(3, BATCH, 5, generator=gen)
+        for strided in (False, True):
+            x = (base.exp() if not strided else
+                 base.transpose(0, 1).contiguous().exp().transpose(0, 1))
+            assert x.is_contiguous() != strided
+            before, version = x.detach().clone(), x._version
+            out = SeqRoutedRowLinear.apply(x, w, plan, units)
+            assert x._version == version and torch.equal(x.detach(), before)
+            out.backward(go)
+            ref_out, ref_in, _ = _dense_row_reference(before, w, go, mix, method, unit_ids)
+            torch.testing.assert_close(out.detach(), ref_out, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(base.grad, ref_in * before, rtol=1e-5, atol=1e-5)
+            base.grad = None
+
+
 def test_forget_sequences_leave_retain_weight_columns_exactly_zero():
     """Not merely close: with only forget sequences carrying gradient, every retain column of
     the row weight's gradient (and every retain row of the column weight's) is exactly 0."""
@@ -215,9 +245,9 @@ def test_column_linear_equals_dense_masked_reference_on_every_label_mix(layout):
         torch.testing.assert_close(bias.grad, ref_b, rtol=1e-5, atol=1e-5)
 
 
-def test_weight_grad_overwrites_units_when_some_sequence_may_not_update_them():
-    """``wide`` not inside ``unit`` (a sequence updating all but the units) takes the overwrite
-    path; it must equal the dense sum too."""
+def test_weight_grad_with_sequences_updating_all_but_the_units():
+    """``wide`` not inside ``unit`` (a sequence updating all but the units, whose sum has its
+    unit slice zeroed before the others are added) must equal the dense sum too."""
     units = Units(LAYOUTS["grid"], 16)
     unit_ids = members(LAYOUTS["grid"])
     go, x = torch.randn(3, BATCH, 6), torch.randn(3, BATCH, 16)
