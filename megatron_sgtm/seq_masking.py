@@ -386,12 +386,15 @@ def _gemm_gated_in_place(x: torch.Tensor, weight: torch.Tensor,
     bitwise once the GEMM has read them. This goes through ``x.data``, whose version counter
     is separate, because other autograd nodes may have saved ``x`` (SDPA saves the attention
     output that is proj's input): its values are what they saved again before any backward
-    can read them, and a version bump would make autograd reject them."""
+    can read them, and a version bump would make autograd reject them. This holds because the
+    zeroing, the GEMM and the write-back run in order on one stream; something reading ``x``
+    on another stream meanwhile (activation offloading, which this project does not enable)
+    would need this replaced by the gated copy."""
     raw = x.data
     restores = [units.zero_restorably(raw[:, start:stop], 2, block)
                 for block, spans in blocks for start, stop in spans]
     try:
-        return torch.matmul(raw, weight.t())
+        return torch.matmul(raw, _cast(weight, raw.dtype).t())
     finally:
         for restore in reversed(restores):
             restore()
