@@ -113,25 +113,25 @@ class Units:
         self.runs, self.width = tuple(runs), width
         self.others = complement(self.runs, width)
         self.grid = grid(self.runs, width)
-        self._index: dict = {}
+        self._cache: dict = {}
 
     def index(self, device, part: str = UNITS) -> torch.Tensor:
         key = (part, str(device))
-        if key not in self._index:
+        if key not in self._cache:
             runs = self.runs if part == UNITS else self.others
             ids = [i for start, stop in runs for i in range(start, stop)]
-            self._index[key] = torch.tensor(ids, dtype=torch.long, device=device)
-        return self._index[key]
+            self._cache[key] = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._cache[key]
 
     def mask(self, device) -> torch.Tensor:
         """``[width]`` booleans, True on the units."""
         key = ("mask", str(device))
-        if key not in self._index:
+        if key not in self._cache:
             flags = torch.zeros(self.width, dtype=torch.bool)
             for start, stop in self.runs:
                 flags[start:stop] = True
-            self._index[key] = flags.to(device)
-        return self._index[key]
+            self._cache[key] = flags.to(device)
+        return self._cache[key]
 
     def _grid_parts(self, tensor: torch.Tensor, dim: int, part: str) -> list[torch.Tensor]:
         """Views of ``tensor`` holding ``part`` along ``dim``, split into ``[blocks, size]``."""
@@ -142,28 +142,29 @@ class Units:
             return [split.narrow(dim + 1, start, stop - start)]
         return [split.narrow(dim + 1, a, b - a) for a, b in ((0, start), (stop, size)) if b > a]
 
+    def _views(self, tensor: torch.Tensor, dim: int, part: str) -> Optional[list[torch.Tensor]]:
+        """Views of ``tensor`` holding ``part`` along ``dim``; None where the units are
+        irregular and only index operations reach them."""
+        if not self.runs:
+            return [] if part == UNITS else [tensor]
+        if self.grid is not None:
+            return self._grid_parts(tensor, dim, part)
+        return None
+
     def zero(self, tensor: torch.Tensor, dim: int, part: str) -> torch.Tensor:
         """Zero ``part`` (UNITS or OTHERS) along ``dim`` in place."""
-        if not self.runs:
-            if part == OTHERS:
-                tensor.zero_()
-        elif self.grid is not None:
-            for view in self._grid_parts(tensor, dim, part):
-                view.zero_()
-        else:
+        views = self._views(tensor, dim, part)
+        if views is None:
             tensor.index_fill_(dim, self.index(tensor.device, part), 0.0)
+        for view in views or ():
+            view.zero_()
         return tensor
 
     def zero_restorably(self, tensor: torch.Tensor, dim: int, part: str) -> Callable[[], None]:
         """``zero`` that first keeps a copy of only the zeroed entries; the returned function
         writes them back, bitwise."""
-        if not self.runs:
-            if part == UNITS:
-                return lambda: None
-            views = [tensor]
-        elif self.grid is not None:
-            views = self._grid_parts(tensor, dim, part)
-        else:
+        views = self._views(tensor, dim, part)
+        if views is None:
             index = self.index(tensor.device, part)
             kept = tensor.index_select(dim, index)
             tensor.index_fill_(dim, index, 0.0)
@@ -215,6 +216,14 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _add_sequences(grad: Optional[torch.Tensor], go_seqs, x_seqs, spans: Spans):
+    """``grad`` plus ``go_b x_b`` for each sequence ``b`` of ``spans`` (None stays None if
+    ``spans`` is empty)."""
+    for b in sequences(spans):
+        grad = go_seqs[b].mm(x_seqs[b]) if grad is None else grad.addmm_(go_seqs[b], x_seqs[b])
+    return grad
+
+
 def seq_weight_grad(go: torch.Tensor, x: torch.Tensor, wide: Spans, unit: Spans,
                     units: Units, on_rows: bool) -> torch.Tensor:
     """``go^T x`` summed over the tokens allowed to reach each part of the weight: ``wide``
@@ -236,15 +245,12 @@ def seq_weight_grad(go: torch.Tensor, x: torch.Tensor, wide: Spans, unit: Spans,
     if not others_only and _covers(both, batch):
         grad = go.reshape(-1, go.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
     else:
-        grad = None
         # Per sequence, [n, s] and [s, h] views: one dispatch each for the whole batch.
         go_seqs, x_seqs = go.permute(1, 2, 0).unbind(0), x.unbind(1)
-        for part, spans in ((OTHERS, others_only), (ALL, both)):
-            for b in sequences(spans):
-                grad = (go_seqs[b].mm(x_seqs[b]) if grad is None
-                        else grad.addmm_(go_seqs[b], x_seqs[b]))
-            if part == OTHERS and grad is not None:
-                units.zero(grad, unit_dim, UNITS)
+        grad = _add_sequences(None, go_seqs, x_seqs, others_only)
+        if grad is not None:
+            units.zero(grad, unit_dim, UNITS)
+        grad = _add_sequences(grad, go_seqs, x_seqs, both)
         if grad is None:
             grad = go.new_zeros(go.shape[-1], x.shape[-1])
     for start, stop in units_only:  # one narrow GEMM per span of such sequences
