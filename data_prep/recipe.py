@@ -112,9 +112,10 @@ class ClassifierConfig:
     forget_label: Optional[str] = None
     # hf and python: texts per forward pass / per call.
     batch_size: int = 32
-    # hf: tokens per window (special tokens included); longer texts are cut into windows
-    # and their window scores aggregated (max: any forget window flags the text; mean).
-    max_length: int = 512
+    # hf: tokens per window (special tokens included; null = the longest the model and its
+    # tokenizer take); longer texts are cut into windows and their window scores aggregated
+    # (max: any forget window flags the text; mean).
+    max_length: Optional[int] = None
     window_aggregation: str = "max"
     # hf: at most this many windows per text (the first ones); None scores every window.
     max_windows: Optional[int] = None
@@ -283,7 +284,7 @@ def _check_classifier(c: ClassifierConfig, where: str, errors: list[str], stage:
     if c.batch_size < 1:
         errors.append(f"{where}.batch_size: must be >= 1")
     if c.kind == "hf":
-        if c.max_length < 8:
+        if c.max_length is not None and c.max_length < 8:
             errors.append(f"{where}.max_length: must be >= 8 tokens")
         if c.window_aggregation not in ("max", "mean"):
             errors.append(f"{where}.window_aggregation: must be max or mean, got {c.window_aggregation!r}")
@@ -314,6 +315,10 @@ def _check_classifier(c: ClassifierConfig, where: str, errors: list[str], stage:
     if i == n - 1:
         if c.decides is not None:
             errors.append(f"{where}.decides: the last stage decides every text that reaches it; leave it unset")
+        # Its scores are the labels' scores: one threshold for both, or its report misleads.
+        if c.threshold != cascade_threshold:
+            errors.append(f"{where}.threshold: the last stage's texts are labelled at the cascade's threshold "
+                          f"{cascade_threshold}; set the same here, not {c.threshold}")
         return
     decides = c.decides or "retain"
     if decides not in ("retain", "forget"):

@@ -184,6 +184,9 @@ def test_a_violation_deep_in_the_corpus_names_its_shard(tmp_path, capsys):
       "{kind: keywords, keywords: k}]"], "classifier.stages[0].threshold: 0.4 is below the cascade's threshold 0.5"),
     (["classifier.kind=cascade", "classifier.stages=[{kind: keywords, keywords: k}, "
       "{kind: keywords, keywords: k, decides: retain}]"], "classifier.stages[1].decides: the last stage decides every"),
+    (["classifier.kind=cascade", "classifier.threshold=0.3", "classifier.stages=[{kind: keywords, keywords: k, "
+      "threshold: 0.3}, {kind: keywords, keywords: k}]"],
+     "classifier.stages[1].threshold: the last stage's texts are labelled at the cascade's threshold 0.3"),
     (["classifier.kind=cascade", "classifier.stages=[{kind: keywords, keywords: k, granularity: paragraph}, "
       "{kind: keywords, keywords: k}]"], "set granularity on the cascade, not on its stages"),
     (["classifier.decides=retain"], "classifier.decides: only for the stages of a cascade"),

@@ -21,6 +21,9 @@ PARAGRAPH_RECIPE = ROOT / "configs/data/bilingual_paragraph.yaml"
 PARAGRAPH_SMALL = ["sources.0.max_docs=300", "split.max_test_docs=20", "tokenizer.kind=bpe",
                    "tokenizer.vocab_size=600", "tokenizer.max_train_bytes=150000"]
 PYTHON_ARGS = ["classifier.kind=python", "classifier.entry_point=prep_entry_points:spanish"]
+TOPIC_CASCADE = ROOT / "configs/data/topic_cascade.yaml"
+TOPIC_SMALL = ["max_docs=2500", "split.max_test_docs=60", "tokenizer.kind=bpe", "tokenizer.vocab_size=800",
+               "tokenizer.max_train_bytes=250000"]
 
 
 def _prep(recipe, out: Path, *args: str, overrides=RECIPE_OVERRIDES) -> dict:
@@ -216,3 +219,26 @@ def test_every_kind_at_paragraph_granularity(kind, paragraph_model, tmp_path):
             first, second = (row[level] for row in m["classifier"]["stages"])
             assert first["seen"] == first["decided"] + first["passed"] and second["seen"] == first["passed"] > 0
         assert m["classifier"]["stages"][0]["paragraph"]["seen"] <= m["splits"]["train"]["num_spans"]
+
+
+def test_worked_deep_ignorance_style_recipe(tmp_path):
+    """configs/data/topic_cascade.yaml as data_prep/README.md runs it (on a subset): train the
+    fastText stage with the bundled trainer, then the blocklist -> model cascade."""
+    from data_prep.recipe import load_recipe
+
+    assert load_recipe(TOPIC_CASCADE).classifier.stages[1].model == "runs/classifiers/biology_fasttext.bin"
+    model = train_fasttext(TOPIC_CASCADE, tmp_path / "biology.bin", TOPIC_SMALL)
+    m = _prep(TOPIC_CASCADE, tmp_path / "out", f"classifier.stages.1.model={model}", overrides=TOPIC_SMALL)
+    clf, n = m["classifier"], m["splits"]["train"]["num_docs"]
+    blocklist, fasttext = (row["document"] for row in clf["stages"])
+    print(f"topic cascade: precision {clf['precision']} recall {clf['recall']}; held out {clf['heldout']}; "
+          f"blocklist {blocklist}; fastText {fasttext}")
+    # The blocklist lets most leads go as retain; the model decides the flagged rest, more precisely.
+    assert blocklist["seen"] == n and blocklist["decided"] > n / 2 and fasttext["seen"] == blocklist["passed"]
+    assert fasttext["precision"] > blocklist["precision"]
+    # Above chance: precision well above the forget share (random flags), recall well above the
+    # share of documents the cascade flags (what flagging as many at random would recall).
+    forget_share = m["splits"]["train"]["docs_per_true_domain"]["forget"] / n
+    flagged = (clf["true_positives"] + clf["false_positives"]) / n
+    assert clf["precision"] > forget_share + 0.5 and clf["recall"] > flagged + 0.3
+    assert clf["heldout"]["precision"] > forget_share + 0.3 and clf["heldout"]["recall"] > flagged + 0.1

@@ -10,8 +10,8 @@ A stage that is not the last decides, at its own ``threshold``, either
 and the last stage decides every text that reaches it. A text's score is the score of the
 stage that decided it. The recipe check keeps the stages' decisions under the cascade's own
 threshold (a retain-deciding stage's threshold is at most the cascade's, a forget-deciding
-one's at least), so the labels are the stages' decisions; a later ``--relabel --threshold``
-moves the cut on these recorded scores like for any kind.
+one's at least, the last stage's equal to it), so the labels are the stages' decisions; a
+later ``--relabel --threshold`` moves the cut on these recorded scores like for any kind.
 """
 from __future__ import annotations
 

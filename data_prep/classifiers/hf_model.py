@@ -7,11 +7,12 @@ model). Regression heads (scores that are not probabilities) are refused: wrap s
 in a python entry point that maps its output to [0, 1].
 
 **Windows.** A text is tokenized whole and cut into consecutive, non-overlapping windows of
-``max_length`` tokens, special tokens included (the tokenizer's own overflow handling), at
-most ``max_windows`` of them (the first). Its score is the ``max`` (default: one forget
-window flags the text) or the ``mean`` of its window scores. Windows are sorted by length and
-batched ``batch_size`` at a time, so padding is small; padding never changes a score (the
-attention mask hides it; checked in the tests to float rounding).
+``max_length`` tokens, special tokens included (default: the longest the model and its
+tokenizer take; cut by the tokenizer's own overflow handling), at most ``max_windows`` of
+them (the first). Its score is the ``max`` (default: one forget window flags the text) or the
+``mean`` of its window scores. Windows are sorted by length and batched ``batch_size`` at a
+time, so padding is small; padding never changes a score (the attention mask hides it;
+checked in the tests to float rounding).
 
 **Device.** ``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``. On a GPU the local
 executor runs the map in one process (a CUDA context does not survive fork); on SLURM give
@@ -103,8 +104,13 @@ class HFScorer(Scorer):
             raise PrepError(f"{who}: its tokenizer has no padding token; set pad_token in "
                             "tokenizer_config.json to batch texts")
         positions = getattr(model.config, "max_position_embeddings", None)
-        if positions is not None and cfg.max_length > positions:
+        if cfg.max_length is not None and positions is not None and cfg.max_length > positions:
             raise PrepError(f"{where}.max_length: {cfg.max_length} is more than the model's {positions} positions")
+        # Unset: the model's positions or its tokenizer's limit (a huge sentinel when none is set).
+        limits = [x for x in (positions, self.tokenizer.model_max_length) if x and x < 1 << 30]
+        if cfg.max_length is None and not limits:
+            raise PrepError(f"{where}.max_length: {path} states no maximum length; set one")
+        self.max_length = cfg.max_length or int(min(limits))
         self.label = labels[cfg.forget_label]
         self.sigmoid = model.config.num_labels == 1 or model.config.problem_type == "multi_label_classification"
         self.device = resolve_device(cfg.device, who)
@@ -120,7 +126,7 @@ class HFScorer(Scorer):
 
     def windows(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray]:
         """Token ids of every window and the text each belongs to."""
-        enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length, stride=0,
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, stride=0,
                              return_overflowing_tokens=True, padding=False)
         owner = enc.get("overflow_to_sample_mapping")
         if owner is None:
