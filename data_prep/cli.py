@@ -1,6 +1,7 @@
 """``sgtm prep``: build shards from a recipe, relabel finished shards, or merge them.
 
     sgtm prep --recipe R.yaml --out DIR [key=value ...] [--force] [--workers N]
+    sgtm prep --recipe R.yaml --print-config [key=value ...]                (the resolved recipe)
     sgtm prep --recipe R.yaml --out DIR --executor slurm [--shards-per-task K] [--sbatch-arg=...] [--dry-run]
     sgtm prep --recipe R.yaml --out DIR --task-index I --shards-per-task K     (what a SLURM array task runs)
     sgtm prep --recipe R.yaml --out DIR --stage reduce                        (what the reduce job runs)
@@ -21,11 +22,11 @@ import os
 import sys
 
 from data_prep.errors import PrepError
+from megatron_sgtm.cli_args import add_overrides, config_yaml, parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="recipe overrides, e.g. max_docs=500 tokenizer.vocab_size=1024")
+    add_overrides(p, "recipe", "max_docs=500 tokenizer.vocab_size=1024")
     p.add_argument("--recipe", help="data recipe YAML (configs/data/*.yaml)")
     p.add_argument("--out", help="output shard directory")
     p.add_argument("--force", action="store_true",
@@ -104,6 +105,14 @@ def _slurm(args, recipe) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run parsed ``prep`` arguments; raises PrepError on bad input."""
+    if args.print_config:
+        if not args.recipe or args.relabel or args.merge:
+            raise PrepError("--print-config prints a recipe: it needs --recipe PATH "
+                            "(and no --relabel/--merge)")
+        from data_prep.recipe import load_recipe
+
+        print(config_yaml(load_recipe(args.recipe, args.overrides)), end="")
+        return 0
     if args.relabel:
         return _relabel(args)
     policy_flags = (args.undiscovered_rate, args.false_positive_rate, args.retain_mode_share,
@@ -147,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["prep"]:
         argv = argv[1:]
-    # Intermixed: recipe overrides may come before or after the flags.
-    args = build_parser().parse_intermixed_args(argv)
+    args = parse(build_parser(), argv)
     try:
         try:
             return run(args)

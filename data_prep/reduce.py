@@ -25,6 +25,7 @@ from data_prep.noise import LABEL_NAMES, apply_policy
 from data_prep.plan import ShardSpec, source_version
 from data_prep.recipe import Recipe
 from data_prep.sample import GLOBAL_MARKER
+from megatron_sgtm.version import version_string
 
 
 def read_marker(out: Path, spec: ShardSpec, recipe: Recipe) -> Optional[dict]:
@@ -250,6 +251,7 @@ def label_shards(recipe: Recipe, out: Path, entries: list[dict], base: dict,
     unit = "paragraph spans" if paragraphs else "docs"
     manifest = {
         "format_version": FORMAT_VERSION,
+        "sgtm_version": version_string(),
         "corpus_fingerprint": corpus_fingerprint(recipe, sources, given, base.get("classifier_files")),
         "recipe": _recorded_recipe(recipe),
         "tokenizer": base["tokenizer"],

@@ -22,7 +22,8 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: sgtm COMMAND [ARGS...]   (sgtm COMMAND --help for details)", "", "commands:"]
+    lines = ["usage: sgtm COMMAND [ARGS...]   (sgtm COMMAND --help for details)",
+             "       sgtm --version", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
+        return 0
+    if argv[0] in ("--version", "-V", "version"):
+        from .version import version_string
+
+        print(f"megatron_sgtm {version_string()}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

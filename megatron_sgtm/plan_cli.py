@@ -1,4 +1,4 @@
-"""``sgtm plan CONFIG [--gpus N] [--gpu-memory GiB] [--json] [key=value ...]``: the analytic
+"""``sgtm plan CONFIG [--gpus N] [--gpu-memory GiB] [--json] [--print-config] [key=value ...]``: the analytic
 per-GPU memory of a training config at its parallel layout, before any GPU is allocated.
 
 Exit status: 0 when the worst pipeline stage fits the budget, 1 when it does not, 2 for bad
@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from .cli_args import add_overrides, config_yaml, parse
 from .configbase import ConfigError
 from .plan import Layout, PlanError, plan_memory
 from .plan_report import render_text, to_json
@@ -28,12 +29,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of GPU memory kept free for what the plan does not count "
                         "(CUDA context, NCCL, fragmentation; default 0.15)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_overrides(p, "config", "tensor_parallel=4 train.micro_batch_size=2")
     return p
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_intermixed_args(argv)
+    args = parse(_parser(), argv)
     from .train.config import load_experiment
 
     try:
@@ -42,14 +43,18 @@ def main(argv: list[str]) -> int:
         if not 0 <= args.headroom < 1:
             raise PlanError(f"--headroom must be in [0, 1), got {args.headroom:g}")
         cfg = load_experiment(args.config, args.overrides)
+        gpus = cfg.model_parallel if args.gpus is None else args.gpus
+        if gpus <= 0:
+            raise PlanError(f"--gpus must be positive, got {gpus}")
+        layout = Layout.of(cfg, gpus)
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
         if cfg.engine.name != "megatron":
             raise PlanError(f"the planner models engine.name megatron (megatron DDP and "
                             f"optimizer), not {cfg.engine.name!r}; add engine.name=megatron "
                             "to see that engine's plan")
-        gpus = cfg.model_parallel if args.gpus is None else args.gpus
-        if gpus <= 0:
-            raise PlanError(f"--gpus must be positive, got {gpus}")
-        plan = plan_memory(cfg.model, Layout.of(cfg, gpus), args.gpu_memory, args.headroom)
+        plan = plan_memory(cfg.model, layout, args.gpu_memory, args.headroom)
     except (ConfigError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -62,10 +62,14 @@ def world_cli(rank, world, tmp):
                        config, part)
     destroy_parallel()
     out = {"retain_logits": retain_logits}
+    out["ckpt_version"] = json.loads(
+        (ck.latest_checkpoint(tmp / "ckpt") / "sgtm_meta.json").read_text()).get("sgtm_version")
 
     out["ablate"] = _cli("ablate_cli", [tmp / "ckpt", "--out", tmp / "abl"])
     out["prune"] = _cli("ablate_cli", [tmp / "ckpt", "--out", tmp / "pruned", "--prune"])
     out["hf"] = _cli("ablate_cli", [tmp / "ckpt", "--out", tmp / "hf", "--export", "hf"])
+    out["ablated_version"] = json.loads(
+        (ck.latest_checkpoint(tmp / "abl") / "sgtm_meta.json").read_text()).get("sgtm_version")
     out["exists"] = _cli("ablate_cli", [tmp / "ckpt", "--out", tmp / "abl"])
     out["eval"] = _cli("eval_cli", [tmp / "abl", "--data", data, "--seq", 12, "--batch", 2,
                                     "--calibration-steps", 5, "--out", tmp / "eval.jsonl"])

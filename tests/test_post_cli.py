@@ -26,6 +26,12 @@ def test_prune_and_hf_export_match_the_zeroed_model(cli):
     assert (cli["hf_logits"] - cli["retain_logits"]).abs().max() < 1e-4
 
 
+def test_checkpoints_name_the_version_that_wrote_them(cli):
+    from megatron_sgtm.version import version_string
+
+    assert cli["ckpt_version"] == cli["ablated_version"] == version_string()
+
+
 def test_eval_writes_calibrated_rows(cli):
     assert cli["eval"][0] == 0, cli["eval"][1]
     rows = cli["eval_rows"]

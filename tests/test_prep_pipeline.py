@@ -69,6 +69,12 @@ def test_bilingual_rates_and_classifier(bilingual, capsys):
     assert all(len(sha) == 64 for src in m["sources"] for sha in src["sha256"].values())
 
 
+def test_manifest_names_the_version_that_wrote_it(bilingual):
+    from megatron_sgtm.version import version_string
+
+    assert bilingual[1]["sgtm_version"] == version_string()
+
+
 def test_topic_rates_and_classifier(topic):
     _, m = topic
     pol, real, clf = m["noise_policy"], m["realised"], m["classifier"]

@@ -81,6 +81,11 @@ def test_page_states_machine_time_tables_and_plots(tmp_path):
     machine = json.loads((out / "executions.jsonl").read_text())["machine"]
     assert machine["cpu"] in text and f"torch {machine['torch']}" in text
     assert "took 2 min" in text and "workers: [2]" in text and "54 of 54 runs done" in text
+    # Rows from older code carry no version; the page says so rather than naming this one.
+    assert "Code: megatron_sgtm not recorded." in text
+    rows = [r | {"sgtm_version": "9.9.9+gabc"} for r in grid()]
+    versioned = write_page(spec, "spec.yaml", out, rows, {"leakage": leak}, tmp_path / "r2.md")
+    assert "Code: megatron_sgtm 9.9.9+gabc." in versioned.read_text()
     assert "| a | 2,000 | 2 | 5.00 / 5.50 ±0.00 | 5.20 / 7.01 ±0.01 |" in text
     assert "**sgtm vs gradient_routing**, 6 cells: sgtm better in 2, gradient_routing better in 4" in text
     assert "| a | 8 | 10% | sgtm | 0.0300 (2 seeds) |" in text

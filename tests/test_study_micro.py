@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_sgtm.study.analysis import fit_scaling, leakage_rows
+from megatron_sgtm.version import version_string
 from megatron_sgtm.study.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ def test_table_fit_leakage_and_plots(study):
         assert math.isfinite(float(r["retain_loss"])) and math.isfinite(float(r["forget_loss"]))
         assert 0.0 <= float(r["generation_rate"]) <= 1.0
         assert int(r["tokens_trained"]) == int(r["steps"]) * 16 * 32
+        assert r["sgtm_version"] == version_string()
     # SGTM runs at undiscovered rate 0.1 see some undiscovered forget tokens, fewer than all.
     sgtm = [r for r in main_rows if r["method"] == "sgtm"]
     nf = {r["size"]: r for r in main_rows if r["method"] == "no_filter"}

@@ -43,7 +43,10 @@ def _versions() -> dict:
         mcore = version("megatron-core")
     except PackageNotFoundError:
         mcore = "unknown"
-    return {"torch": torch.__version__, "megatron_core": mcore, "python": platform.python_version()}
+    from ..version import version_string
+
+    return {"torch": torch.__version__, "megatron_core": mcore, "python": platform.python_version(),
+            "megatron_sgtm": version_string()}
 
 
 def model_shapes(model_sd) -> dict[str, list[int]]:
@@ -145,6 +148,7 @@ def save_checkpoint(root, step: int, model, optimizer, extra: dict, config: dict
                 "partition": partition_meta, "model_shapes": shapes, "optimizer": kind,
                 "world_size": _world(), **sizes, "tp": sizes["tensor_parallel"],
                 "dp": sizes["data_parallel"], "versions": versions,
+                "sgtm_version": versions["megatron_sgtm"],
                 "torch_version": versions["torch"],
                 "megatron_core_version": versions["megatron_core"]}
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True,

@@ -6,6 +6,7 @@
     sgtm study SPEC --analyze                                        tables/fits/plots only
     sgtm study SPEC --analyze --page docs/results.md                 also a markdown results page
     sgtm study SPEC --list                                           print the runs, run nothing
+    sgtm study SPEC --print-config [key=value ...]                   the resolved spec as YAML
 
 Outputs under OUT: results.csv / results.jsonl (one row per run, status done|failed|pending),
 analysis.json, report.txt and plots/*.png. Finished runs are skipped on a re-run; failed ones
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli_args import add_overrides, config_yaml, parse
 from ..configbase import ConfigError
 
 
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgtm study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="study spec YAML (configs/studies/*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides")
+    add_overrides(p, "study spec", "seeds=[0]")
     p.add_argument("--out", help="study directory (default runs/study/<spec name>)")
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
@@ -87,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     from .spec import expand, load_spec, method_entries
 
     spec = load_spec(args.spec, args.overrides)
+    if args.print_config:
+        print(config_yaml(spec), end="")
+        return 0
     out = Path(args.out or Path("runs") / "study" / spec.name)
     out.mkdir(parents=True, exist_ok=True)
     ctx = prepare_data(spec, out, _log)
@@ -132,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     if args.workers < 1:
         print("error: --workers must be >= 1", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..version import version_string
 from . import localization as loc
 from .plots import _plt, _save, series_colors
 
@@ -39,7 +40,7 @@ def record_execution(out: Path, start: float, workers: int, executed: int) -> No
     """Append one execution (wall time, workers, runs it ran, machine) to the study's log."""
     entry = {"start": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start)),
              "seconds": round(time.time() - start, 1), "workers": workers, "runs": executed,
-             "machine": machine()}
+             "machine": machine(), "sgtm_version": version_string()}
     with open(out / EXECUTIONS, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
@@ -205,6 +206,9 @@ def write_page(spec, spec_path: str, out: Path, rows: list[dict], analysis: dict
                f"{execs[0]['start']} UTC)")
     else:
         where, ran = "not recorded", "wall time not recorded"
+    versions = sorted({str(r.get("sgtm_version") or "not recorded") for r in rows
+                       if r.get("status") == "done"})
+    code = ("megatron_sgtm " + ", ".join(versions)) if versions else "no finished runs"
     cpu_min = sum(float(r.get("train_seconds") or 0) + float(r.get("eval_seconds") or 0)
                   for r in rows if r.get("status") == "done") / 60
     rel = os.path.relpath(pdir, page.parent)
@@ -213,7 +217,7 @@ def write_page(spec, spec_path: str, out: Path, rows: list[dict], analysis: dict
     text = [
         f"# Study results: {spec.name}", "",
         f"Generated from `{spec_path}` by `sgtm study {spec_path} --analyze --page {page}` "
-        f"(after `sgtm study {spec_path} --workers 2`). Machine: {where}. {ran}; "
+        f"(after `sgtm study {spec_path} --workers 2`). Code: {code}. Machine: {where}. {ran}; "
         f"{done} of {len(rows)} runs done, {cpu_min:.0f} CPU-minutes inside runs.", "",
         f"Sizes: {sizes}. Losses are held-out next-token cross-entropy after ablation (routing "
         "methods) and logit calibration, so a higher forget loss at the same retain loss is "

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import data as sdata
 from .compute import param_count, train_flops
+from ..version import version_string
 from .spec import ABLATED, MethodSpec, RunSpec, StudySpec, entry_of, size_by_name
 
 Log = Callable[[str], None]
@@ -302,7 +303,7 @@ def execute(spec: StudySpec, ctx: Context, run: RunSpec, log: Log = print) -> di
             "flops": train_flops(params["non_embedding"], trained["tokens"]),
             "forget_tokens_seen": trained["forget_tokens_seen"],
             "undiscovered_tokens_seen": trained["undiscovered_tokens_seen"],
-            "train_seconds": trained["seconds"], **evaluated}
+            "train_seconds": trained["seconds"], **evaluated, "sgtm_version": version_string()}
         write_json(rdir / "result.json", row)
         (rdir / "error.txt").unlink(missing_ok=True)
         log(f"{run.run_id}: done (retain {row.get('retain_loss', float('nan')):.3f}, "

@@ -1,5 +1,7 @@
 """``sgtm train --config X.yaml --nproc N --tp T [key=value ...]``: check, then run torchrun.
 
+Flags and overrides come in any order; ``--print-config`` prints the resolved config and exits.
+
 Everything that can be checked without the process group is checked here first, so a bad config,
 a damaged shard, a checkpoint of another partition (or with a changed file, or with pickled
 content outside the allowlist) or a checkpoint.dir held by a live run is one clear error before
@@ -17,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..cli_args import add_overrides, config_yaml, parse
 from ..configbase import ConfigError
 from .config import ExperimentConfig, load_experiment
 from .errors import TrainError
@@ -45,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume from a checkpoint even if it holds pickled objects outside the "
                         "allowlist (format 1, unknown classes); sets checkpoint.trust_pickle=true. "
                         "Only for checkpoints whose origin you trust")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    add_overrides(p, "config", "train.steps=100 data.dir=DIR")
     return p
 
 
@@ -169,8 +172,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TrainError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node)")
 
 
+def print_config(cfg: ExperimentConfig, nprocs: int) -> None:
+    """The resolved config, after the checks that are properties of the config and the world
+    size (types, ranges, layout, batch plan). Shards, checkpoints and devices are not looked
+    at, so a config can be checked on a machine that holds none of them."""
+    cfg.batch_plan(nprocs)
+    print(config_yaml(cfg), end="", flush=True)
+
+
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(_parser(), argv)
     overrides = list(args.overrides)
     if args.tp is not None:
         overrides.append(f"tensor_parallel={args.tp}")
@@ -182,6 +193,9 @@ def main(argv: list[str]) -> int:
             raise TrainError(f"config {args.config} does not exist")
         cfg = load_experiment(args.config, overrides)
         check_world(cfg, args.nnodes, args.nproc)
+        if args.print_config:
+            print_config(cfg, args.nproc * args.nnodes)
+            return 0
         dry_run = args.dry_run or os.environ.get("SGTM_DRY_RUN") == "1"
         if dry_run and args.rdzv_endpoint:  # starting now would bind it: it must be free
             check_port_free(args.rdzv_endpoint)

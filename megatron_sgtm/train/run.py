@@ -6,6 +6,7 @@ import os
 import sys
 import traceback
 
+from ..cli_args import parse
 from ..configbase import ConfigError
 from .config import load_experiment
 from .errors import EXIT_PREEMPTED, TrainError
@@ -17,7 +18,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Pretrain one model (run under torchrun; `sgtm train` launches it).")
     parser.add_argument("--config", required=True, help="experiment YAML")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
-    return parser.parse_args(argv)
+    return parse(parser, argv)
 
 
 def _deterministic(threads: int) -> None:
