@@ -122,7 +122,8 @@ class ClassifierConfig:
     # hf: float32, bfloat16 or float16; device auto = the GPU when there is one.
     dtype: str = "float32"
     device: str = "auto"
-    # hf on CPU: torch threads of a single-process map (forked --workers use one each).
+    # hf on CPU: torch threads per map process; one, like every other step of a map process
+    # (parallelism is one process per shard). Forked --workers always use one each.
     threads: int = 1
     # keywords: the list file (one term, or re:REGEX, per line; optional TAB weight).
     keywords: Optional[str] = None

@@ -17,7 +17,9 @@ checked in the tests to float rounding).
 **Device.** ``auto`` is ``cuda`` when torch sees a GPU, else ``cpu``. On a GPU the local
 executor runs the map in one process (a CUDA context does not survive fork); on SLURM give
 each array task a GPU (``--sbatch-arg=--gres=gpu:1``). On CPU, ``threads`` torch threads per
-process (forked ``--workers`` use one each: torch's thread pool does not survive fork).
+process (default one, as for every step of a map process); forked ``--workers`` use one each:
+torch's thread pool does not survive fork, and a worker that inherits a pool of several
+threads that the parent used hangs.
 Loading never touches the network (``local_files_only``).
 """
 from __future__ import annotations
@@ -116,12 +118,17 @@ class HFScorer(Scorer):
         self.device = resolve_device(cfg.device, who)
         self.fork_safe = self.device == "cpu"
         if self.device == "cpu":
+            # Several OpenMP threads per process on cores that other workers also use make
+            # every forward wait on the others (measured: an hf prep test took 113 s with torch's
+            # default thread count, 10 s with one, on 2 cores under a load average of about 20).
             torch.set_num_threads(cfg.threads)
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self._torch = torch
 
     def after_fork(self) -> None:
+        # The parent may have run the model on several threads (probe, held-out split); a
+        # forked child using that pool deadlocks, one with a single thread does not.
         self._torch.set_num_threads(1)
 
     def windows(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray]:
