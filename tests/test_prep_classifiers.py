@@ -108,16 +108,16 @@ def test_python_entry_point(corpus, tmp_path):
 
 def test_hf_classifier_through_its_loading_and_batching_path(corpus, hf_model, tmp_path):
     _, recipe = corpus
-    # Windows of 48 tokens: most leads are several windows; batches of 8 windows.
+    # Windows of 64 tokens: most leads are several windows; batches of 32 windows.
     args = ["classifier.kind=hf", f"classifier.model={hf_model}", "classifier.forget_label=forget",
-            "classifier.max_length=48", "classifier.batch_size=8"]
+            "classifier.max_length=64", "classifier.batch_size=32"]
     m = _prep(recipe, tmp_path / "forked", *args)  # two forked workers share the loaded model
     assert m["classifier"]["kind"] == "hf" and m["classifier"]["evaluated_docs"] == m["splits"]["train"]["num_docs"]
     assert "config.json" in {Path(p).name for p in m["classifier"]["files"]}
     s = _scores(tmp_path / "forked", m)
     assert ((s >= 0) & (s <= 1)).all() and s.std() > 0
     # One process, other batches: the same scores (to float rounding; padding is masked).
-    m1 = _prep(recipe, tmp_path / "single", *args, "classifier.batch_size=3", "--workers", "1")
+    m1 = _prep(recipe, tmp_path / "single", *args, "classifier.batch_size=13", "--workers", "1")
     assert _scores(tmp_path / "single", m1) == pytest.approx(s, abs=1e-5)
 
 
@@ -193,14 +193,13 @@ def paragraph_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["fasttext", "keywords", "python", "cascade", "hf"])
-def test_every_kind_at_paragraph_granularity(kind, paragraph_model, tmp_path):
+def test_every_kind_at_paragraph_granularity(kind, paragraph_model, tmp_path, request):
     args = {"fasttext": fasttext_args(paragraph_model), "keywords": keyword_args(min_hits=3),
             "python": PYTHON_ARGS, "cascade": cascade_args(paragraph_model)[:1] + [
                 cascade_args(paragraph_model)[1].replace("min_hits: 5", "min_hits: 3")]}
     if kind == "hf":
-        model = tiny_hf(tmp_path / "hf", wiki_leads("en", 100) + wiki_leads("es", 60))
-        args["hf"] = ["classifier.kind=hf", f"classifier.model={model}", "classifier.forget_label=forget",
-                      "classifier.max_length=32"]
+        args["hf"] = ["classifier.kind=hf", f"classifier.model={request.getfixturevalue('hf_model')}",
+                      "classifier.forget_label=forget", "classifier.max_length=64"]
     out = tmp_path / "out"
     m = _prep(PARAGRAPH_RECIPE, out, *args[kind], overrides=PARAGRAPH_SMALL)
     g = m["classifier"]["by_granularity"]
