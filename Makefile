@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev,deepspeed,demo,eval]'
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev,deepspeed,demo,eval,classifiers]'
 	touch $@
 
 .PHONY: install test test-slow demo bench

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from data_prep.documents import FORGET, Doc
+from data_prep.classifiers import Scorer, oracle_scores, stage_counts
+from data_prep.documents import Doc
 from data_prep.recipe import ClassifierConfig
-
-Scorer = Callable[[list[str]], np.ndarray]
 
 
 @dataclass
@@ -34,6 +33,8 @@ class Encoded:
     span_truth: Optional[np.ndarray] = None  # uint8
     span_scores: Optional[np.ndarray] = None  # float32
     span_docs: Optional[np.ndarray] = None  # int64 spans per document
+    # Cascades: per level (document, paragraph), per stage, what it saw and decided.
+    stage_counts: Optional[dict] = None
 
 
 class ChunkEncoder:
@@ -49,28 +50,35 @@ class ChunkEncoder:
         self.eod, self.dtype, self.cfg = int(eod_id), np.dtype(dtype).type, cfg
         self.scorer = scorer  # None = oracle: the truth itself
 
-    def _score(self, texts: list[str], truth: np.ndarray) -> np.ndarray:
+    def _score(self, texts: list[str], truth: np.ndarray, level: str, counts: dict) -> np.ndarray:
         if self.scorer is None:
-            return (truth == FORGET).astype(np.float32)
-        if not texts:
-            return np.zeros(0, np.float32)
-        return np.asarray(self.scorer(texts), np.float32)
+            return oracle_scores(truth)
+        trace = self.scorer.trace(texts)
+        per_stage = stage_counts(trace, truth, self.cfg.stages)
+        if per_stage is not None:
+            counts[level] = per_stage
+        return trace.scores
 
     def _flat(self, ids: list[list[int]], lengths: np.ndarray) -> np.ndarray:
         return np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
 
     def encode(self, docs: list[Doc], paragraphs: bool = False) -> Encoded:
         truth = np.fromiter((d.truth for d in docs), np.uint8, count=len(docs))
-        scores = self._score([d.text for d in docs], truth)
+        counts: dict = {}
+        scores = self._score([d.text for d in docs], truth, "document", counts)
         if not paragraphs:
             ids = self.sp.encode([d.text for d in docs], num_threads=1)
             for x in ids:
                 x.append(self.eod)
             lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
-            return Encoded(self._flat(ids, lengths), lengths, truth, scores)
-        return self._encode_paragraphs(docs, truth, scores)
+            enc = Encoded(self._flat(ids, lengths), lengths, truth, scores)
+        else:
+            enc = self._encode_paragraphs(docs, truth, scores, counts)
+        enc.stage_counts = counts or None
+        return enc
 
-    def _encode_paragraphs(self, docs: list[Doc], truth: np.ndarray, scores: np.ndarray) -> Encoded:
+    def _encode_paragraphs(self, docs: list[Doc], truth: np.ndarray, scores: np.ndarray,
+                           counts: dict) -> Encoded:
         paras = [p for d in docs for p in d.paragraphs]
         owner = np.repeat(np.arange(len(docs)), [len(d.paragraphs) for d in docs])
         ptruth = np.fromiter(
@@ -81,7 +89,7 @@ class ChunkEncoder:
         pscores = scores[owner].copy()
         if long_.any():
             idx = np.flatnonzero(long_)
-            pscores[idx] = self._score([paras[i] for i in idx], ptruth[idx])
+            pscores[idx] = self._score([paras[i] for i in idx], ptruth[idx], "paragraph", counts)
         ids = self.sp.encode(paras, num_threads=1)
         plen = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
         # The end-of-document token goes with each document's last paragraph.

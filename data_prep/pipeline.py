@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from data_prep import shards
+from data_prep.classifiers import check_classifier, classifier_inputs
 from data_prep.errors import PrepError
 from data_prep.manifest import check_state, clear, write_plan
 from data_prep.plan import ShardSpec, input_stamps, make_plan, plan_to_json
@@ -46,9 +47,10 @@ def recipe_fingerprint(recipe: Recipe) -> str:
 
 
 def plan_state(recipe: Recipe) -> tuple[list[ShardSpec], str, dict]:
-    """The shard plan, its JSON text, and the stamps of every input (a given tokenizer too)."""
+    """The shard plan, its JSON text, and the stamps of every input (a given tokenizer and the
+    classifier's files too: a changed model is a changed corpus)."""
     plan = make_plan(recipe)
-    extra = [recipe.tokenizer.model] if recipe.tokenizer.model else []
+    extra = ([recipe.tokenizer.model] if recipe.tokenizer.model else []) + classifier_inputs(recipe.classifier)
     return plan, plan_to_json(plan, recipe_fingerprint(recipe), recipe.name), input_stamps(plan, extra)
 
 
@@ -64,12 +66,20 @@ def open_plan(recipe: Recipe, out: Path, force: bool, log: Log) -> tuple[list[Sh
     if resume and (out / shards.STATE / GLOBAL_MARKER).is_file():
         return plan, load_global(out, plan)
     caps, sample, heldout = read_sample(recipe, plan)
+    # The classifier loads and scores real documents before anything is written.
+    check_classifier(recipe.classifier, [d.text for d in sample.docs])
     if force:
         clear(out)
     shards.remove_manifest(out)
     write_plan(out, plan_text, stamps)
     run_global(recipe, out, plan, caps, sample, heldout, log)
     return plan, load_global(out, plan)
+
+
+def _after_fork() -> None:
+    scorer = _pool_ctx["encoder"].scorer
+    if scorer is not None:
+        scorer.after_fork()
 
 
 def _pool_task(index: int) -> dict:
@@ -85,18 +95,23 @@ def run_map(recipe: Recipe, out: Path, plan: list[ShardSpec], pending: list[Shar
     done: dict[int, dict] = {}
     bar = tqdm(total=sum(s.size for s in pending), unit="B", unit_scale=True, desc="prep map",
                disable=not progress, file=sys.stderr)
+    from data_prep.task import encoder_for
+
+    encoder = encoder_for(recipe, out, state)  # load once in the parent; forked workers share it
+    forkable = encoder.scorer is None or encoder.scorer.fork_safe
+    if workers > 1 and len(pending) > 1 and not forkable:
+        log(f"prep: the {recipe.classifier.kind} classifier holds a GPU, which forked workers cannot "
+            "share: the map runs in this process (use SLURM array tasks for several GPUs)")
     with bar:
-        if workers <= 1 or len(pending) <= 1:
+        if workers <= 1 or len(pending) <= 1 or not forkable:
             for s in pending:
                 done[s.index] = run_shard(recipe, out, s, state)
                 bar.update(s.size)
             return done
-        from data_prep.task import encoder_for
-
-        encoder_for(recipe, out, state)  # load once in the parent; forked workers share it
         _pool_ctx["args"] = (recipe, out, plan, state)
-        # fork: workers share the parent's loaded language model instead of copying it.
-        pool = mp.get_context("fork").Pool(min(workers, len(pending)))
+        _pool_ctx["encoder"] = encoder
+        # fork: workers share the parent's loaded classifier instead of loading it again.
+        pool = mp.get_context("fork").Pool(min(workers, len(pending)), initializer=_after_fork)
         try:
             # Largest shards first keeps the workers busy to the end; output does not depend
             # on the order (each shard writes only its own files).

@@ -7,6 +7,7 @@ in one round instead of one key at a time.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -87,7 +88,10 @@ class TokenizerConfig:
 @dataclass
 class ClassifierConfig:
     # language: py3langid restricted to ``languages``; topic: TF-IDF + logistic
-    # regression fit on a labelled seed split; oracle: the truth itself.
+    # regression fit on a labelled seed split; oracle: the truth itself; fasttext: a
+    # fastText ``.bin`` model; hf: a local transformers sequence-classification directory;
+    # keywords: a term / regex list; python: ``module:function``; cascade: ``stages`` in
+    # order (see data_prep/classifiers/ and data_prep/README.md for each one's score).
     kind: str = "language"
     languages: list[str] = field(default_factory=lambda: ["en", "es"])
     forget_language: str = "es"
@@ -101,6 +105,41 @@ class ClassifierConfig:
     granularity: str = "document"
     # Paragraphs shorter than this take their document's score (too short to classify).
     min_paragraph_chars: int = 80
+    # fasttext: the .bin / .ftz file; hf: the model directory (config, weights, tokenizer).
+    model: Optional[str] = None
+    # fasttext / hf: the model's label that means forget (e.g. __label__es); its
+    # probability is the score.
+    forget_label: Optional[str] = None
+    # hf and python: texts per forward pass / per call.
+    batch_size: int = 32
+    # hf: tokens per window (special tokens included; null = the longest the model and its
+    # tokenizer take); longer texts are cut into windows and their window scores aggregated
+    # (max: any forget window flags the text; mean).
+    max_length: Optional[int] = None
+    window_aggregation: str = "max"
+    # hf: at most this many windows per text (the first ones); None scores every window.
+    max_windows: Optional[int] = None
+    # hf: float32, bfloat16 or float16; device auto = the GPU when there is one.
+    dtype: str = "float32"
+    device: str = "auto"
+    # hf on CPU: torch threads per map process; one, like every other step of a map process
+    # (parallelism is one process per shard). Forked --workers always use one each.
+    threads: int = 1
+    # keywords: the list file (one term, or re:REGEX, per line; optional TAB weight).
+    keywords: Optional[str] = None
+    # keywords: the (weighted) hit count at which a text scores 0.5.
+    min_hits: float = 1.0
+    case_fold: bool = True
+    # keywords: count each term once per text instead of every occurrence.
+    distinct_terms: bool = False
+    # python: ``module:function`` or ``path/to/file.py:function``.
+    entry_point: Optional[str] = None
+    # cascade: classifier settings, in order; a text leaves at the first stage that
+    # decides it, later stages see only what passes.
+    stages: list[ClassifierConfig] = field(default_factory=list)
+    # A cascade stage (not the last): retain = it decides the texts it scores below its
+    # threshold and passes the rest (a blocklist); forget = it decides those at or above.
+    decides: Optional[str] = None
 
 
 @dataclass
@@ -195,17 +234,7 @@ def _check_values(r: Recipe, errors: list[str]) -> None:
         errors.append(f"tokenizer.kind: must be bpe or unigram, got {r.tokenizer.kind!r}")
     if r.tokenizer.vocab_size < 300:
         errors.append("tokenizer.vocab_size: must be >= 300 (byte fallback needs 256 pieces)")
-    if r.classifier.kind not in ("language", "topic", "oracle"):
-        errors.append(f"classifier.kind: must be language, topic or oracle, got {r.classifier.kind!r}")
-    if r.classifier.kind == "language" and r.classifier.forget_language not in r.classifier.languages:
-        errors.append("classifier.forget_language: must be one of classifier.languages")
-    rate("classifier.threshold", r.classifier.threshold)
-    if not 0.0 < r.classifier.seed_fraction < 1.0:
-        errors.append("classifier.seed_fraction: must be in (0, 1)")
-    if r.classifier.granularity not in ("document", "paragraph"):
-        errors.append(f"classifier.granularity: must be document or paragraph, got {r.classifier.granularity!r}")
-    if r.classifier.min_paragraph_chars < 0:
-        errors.append("classifier.min_paragraph_chars: must be >= 0")
+    _check_classifier(r.classifier, "classifier", errors)
     sh = r.sharding
     if sh.target_bytes < 1 or sh.sample_bytes < 1 or sh.chunk_docs < 1:
         errors.append("sharding: target_bytes, sample_bytes and chunk_docs must be >= 1")
@@ -214,6 +243,94 @@ def _check_values(r: Recipe, errors: list[str]) -> None:
     rate("noise.retain_mode_share", r.noise.retain_mode_share)
     if r.noise.fp_pool not in ("auto", "adjacent", "retain"):
         errors.append("noise.fp_pool: must be auto, adjacent or retain")
+
+
+CLASSIFIER_KINDS = ("language", "topic", "oracle", "fasttext", "hf", "keywords", "python", "cascade")
+# Stages score texts on their own: topic (fit on a corpus-wide seed split), the oracle and
+# nested cascades are not stages.
+STAGE_KINDS = ("language", "fasttext", "hf", "keywords", "python")
+HF_DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_ENTRY_POINT = re.compile(r"[^:]+:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+# Keys that belong to one family of kinds only: set for another kind, they are a mistake.
+_KEY_KINDS = {"model": ("fasttext", "hf"), "forget_label": ("fasttext", "hf"), "keywords": ("keywords",),
+              "entry_point": ("python",)}
+
+
+def _check_classifier(c: ClassifierConfig, where: str, errors: list[str], stage: Optional[tuple[int, int]] = None,
+                      cascade_threshold: float = 0.5) -> None:
+    """The classifier's own checks; ``stage`` = (index, count) inside a cascade."""
+    kinds = STAGE_KINDS if stage else CLASSIFIER_KINDS
+    if c.kind not in kinds:
+        errors.append(f"{where}.kind: must be one of {', '.join(kinds)}, got {c.kind!r}")
+        return
+    if c.kind == "language" and c.forget_language not in c.languages:
+        errors.append(f"{where}.forget_language: must be one of {where}.languages")
+    if not 0.0 <= c.threshold <= 1.0:
+        errors.append(f"{where}.threshold: must be in [0, 1], got {c.threshold}")
+    if not 0.0 < c.seed_fraction < 1.0:
+        errors.append(f"{where}.seed_fraction: must be in (0, 1)")
+    if c.granularity not in ("document", "paragraph"):
+        errors.append(f"{where}.granularity: must be document or paragraph, got {c.granularity!r}")
+    if c.min_paragraph_chars < 0:
+        errors.append(f"{where}.min_paragraph_chars: must be >= 0")
+    for key, owners in _KEY_KINDS.items():
+        if getattr(c, key) is not None and c.kind not in owners:
+            errors.append(f"{where}.{key}: only for kind {' or '.join(owners)} (this classifier is {c.kind})")
+        elif getattr(c, key) in (None, "") and c.kind in owners:
+            errors.append(f"{where}.{key}: required for kind {c.kind}")
+    if c.entry_point and c.kind == "python" and not _ENTRY_POINT.fullmatch(c.entry_point):
+        errors.append(f"{where}.entry_point: expected module:function or path/to/file.py:function, "
+                      f"got {c.entry_point!r}")
+    if c.batch_size < 1:
+        errors.append(f"{where}.batch_size: must be >= 1")
+    if c.kind == "hf":
+        if c.max_length is not None and c.max_length < 8:
+            errors.append(f"{where}.max_length: must be >= 8 tokens")
+        if c.window_aggregation not in ("max", "mean"):
+            errors.append(f"{where}.window_aggregation: must be max or mean, got {c.window_aggregation!r}")
+        if c.max_windows is not None and c.max_windows < 1:
+            errors.append(f"{where}.max_windows: must be >= 1 (or null for every window)")
+        if c.dtype not in HF_DTYPES:
+            errors.append(f"{where}.dtype: must be one of {', '.join(HF_DTYPES)}, got {c.dtype!r}")
+        if not _DEVICE.fullmatch(c.device):
+            errors.append(f"{where}.device: must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+        if c.threads < 1:
+            errors.append(f"{where}.threads: must be >= 1")
+    if c.kind == "keywords" and not c.min_hits > 0:
+        errors.append(f"{where}.min_hits: must be > 0, got {c.min_hits}")
+    if c.kind == "cascade":
+        if len(c.stages) < 2:
+            errors.append(f"{where}.stages: a cascade needs at least two stages")
+        for i, st in enumerate(c.stages):
+            _check_classifier(st, f"{where}.stages[{i}]", errors, (i, len(c.stages)), c.threshold)
+    elif c.stages:
+        errors.append(f"{where}.stages: only for kind cascade")
+    if stage is None:
+        if c.decides is not None:
+            errors.append(f"{where}.decides: only for the stages of a cascade")
+        return
+    i, n = stage
+    if c.granularity != "document":
+        errors.append(f"{where}.granularity: set granularity on the cascade, not on its stages")
+    if i == n - 1:
+        if c.decides is not None:
+            errors.append(f"{where}.decides: the last stage decides every text that reaches it; leave it unset")
+        # Its scores are the labels' scores: one threshold for both, or its report misleads.
+        if c.threshold != cascade_threshold:
+            errors.append(f"{where}.threshold: the last stage's texts are labelled at the cascade's threshold "
+                          f"{cascade_threshold}; set the same here, not {c.threshold}")
+        return
+    decides = c.decides or "retain"
+    if decides not in ("retain", "forget"):
+        errors.append(f"{where}.decides: must be retain or forget, got {c.decides!r}")
+    # A text a stage lets go must keep that stage's decision under the cascade's threshold.
+    elif decides == "retain" and c.threshold > cascade_threshold:
+        errors.append(f"{where}.threshold: {c.threshold} is above the cascade's threshold {cascade_threshold}; "
+                      "a text this stage decides as retain would be labelled forget")
+    elif decides == "forget" and c.threshold < cascade_threshold:
+        errors.append(f"{where}.threshold: {c.threshold} is below the cascade's threshold {cascade_threshold}; "
+                      "a text this stage decides as forget would be labelled retain")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

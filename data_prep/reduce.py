@@ -119,10 +119,7 @@ def _token_measure(flag: np.ndarray, truth: np.ndarray, lengths: np.ndarray, kee
     tp = int(lengths[keep & flag & pos].sum())
     fp = int(lengths[keep & flag & ~pos].sum())
     fn = int(lengths[keep & ~flag & pos].sum())
-    p = tp / (tp + fp) if tp + fp else 1.0
-    r = tp / (tp + fn) if tp + fn else 1.0
-    return {"precision": round(p, 6), "recall": round(r, 6),
-            "f1": round(2 * p * r / (p + r), 6) if p + r else 0.0, "tokens": int(lengths[keep].sum())}
+    return {**classifiers.rates(tp, fp, fn), "tokens": int(lengths[keep].sum())}
 
 
 def granularity_metrics(u: Units, threshold: float) -> dict:
@@ -181,10 +178,14 @@ def sources_provenance(recipe: Recipe, plan: list[ShardSpec], markers: dict[int,
     return out
 
 
-def corpus_fingerprint(recipe: Recipe, sources: list[dict], tokenizer_sha: Optional[str]) -> str:
+def corpus_fingerprint(recipe: Recipe, sources: list[dict], tokenizer_sha: Optional[str],
+                       classifier_files: Optional[dict] = None) -> str:
     d = _recorded_recipe(recipe)
     d.pop("noise")
-    payload = json.dumps({"recipe": d, "sources": sources, "tokenizer_sha256": tokenizer_sha}, sort_keys=True)
+    record = {"recipe": d, "sources": sources, "tokenizer_sha256": tokenizer_sha}
+    if classifier_files:  # a user's model: its bytes are part of what made the labels
+        record["classifier_sha256"] = {p: f["sha256"] for p, f in sorted(classifier_files.items())}
+    payload = json.dumps(record, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -217,7 +218,11 @@ def label_and_manifest(recipe: Recipe, out: Path, plan: list[ShardSpec], markers
             "corpus": {**{k: sum(markers[s.index]["counts"][k] for s in plan) for k in
                           ("uncategorized_docs", "dropped_docs", "skipped_empty_docs")},
                        "sample_docs": gm["sample_docs"]},
-            "test_splits": sorted(gm["test_splits"])}
+            "test_splits": sorted(gm["test_splits"]),
+            "classifier_files": gm.get("classifier_files", {})}
+    for s in plan:
+        base["classifier_stage_counts"] = classifiers.add_counts(base.get("classifier_stage_counts"),
+                                                                 markers[s.index].get("classifier_stages"))
     return label_shards(recipe, out, entries, base, log)
 
 
@@ -247,7 +252,7 @@ def label_shards(recipe: Recipe, out: Path, entries: list[dict], base: dict,
     manifest = {
         "format_version": FORMAT_VERSION,
         "sgtm_version": version_string(),
-        "corpus_fingerprint": corpus_fingerprint(recipe, sources, given),
+        "corpus_fingerprint": corpus_fingerprint(recipe, sources, given, base.get("classifier_files")),
         "recipe": _recorded_recipe(recipe),
         "tokenizer": base["tokenizer"],
         "token_dtype": base["token_dtype"],
@@ -267,8 +272,16 @@ def label_shards(recipe: Recipe, out: Path, entries: list[dict], base: dict,
     }
     if paragraphs:
         manifest["classifier"]["by_granularity"] = granularity_metrics(u, thr)
+    if base.get("classifier_files"):
+        manifest["classifier"]["files"] = base["classifier_files"]
+    if base.get("classifier_stage_counts"):
+        manifest["classifier"]["stages"] = classifiers.stage_report(recipe.classifier.stages,
+                                                                    base["classifier_stage_counts"])
+    heldout_truth, heldout_scores = [], []
     for name in base["test_splits"]:
         truth = shards.load_array(out, name, "truth")
+        heldout_truth.append(truth)
+        heldout_scores.append(shards.load_array(out, name, "scores"))
         lengths = shards.doc_lengths(out, name)
         st = {"num_docs": int(len(lengths)), "num_tokens": int(lengths.sum())}
         manifest["splits"][name] = {
@@ -279,12 +292,22 @@ def label_shards(recipe: Recipe, out: Path, entries: list[dict], base: dict,
         manifest["tokens_sha256"][name] = shards.sha256_files([out / n for n in shards.indexed_files(name, "tokens")])
         manifest["label_sidecar_sha256"][name] = shards.sha256_files(
             [out / n for n in shards.indexed_files(name, "labels")])
+    if heldout_truth:
+        # The held-out documents were never used to fit or seed anything in prep.
+        manifest["classifier"]["heldout"] = classifiers.measure(
+            np.concatenate(heldout_scores), np.concatenate(heldout_truth), thr,
+            np.ones(sum(len(t) for t in heldout_truth), bool))
     with shards.staging(out, "manifest") as tmp:
         (tmp / "manifest.json").write_text(dumps(manifest), encoding="utf-8")
         shards.place(tmp, out, ["manifest.json"])
     r = result.report
     log(f"prep: classifier {recipe.classifier.kind}: precision {metrics['precision']:.4f} "
         f"recall {metrics['recall']:.4f} f1 {metrics['f1']:.4f} on {metrics['evaluated_docs']} train {unit}")
+    for row in manifest["classifier"].get("stages", []):
+        c = row["document"]
+        log(f"prep:   stage {row['stage']} ({row['kind']}, decides {row['decides']}): saw {c['seen']} documents, "
+            f"decided {c['decided']}, passed {c['passed']}; precision {c['precision']:.4f} recall {c['recall']:.4f} "
+            f"at threshold {row['threshold']}")
     log(f"prep: wrote {out}: {len(prefixes)} train shards, {train['num_tokens']} train tokens; "
         f"realised undiscovered {r['undiscovered_rate']:.4f}, false positives {r['false_positive_rate']:.4f} "
         f"({r['false_positive_pool']} pool), retain-mode share {r['retain_mode_share']:.4f}")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from data_prep.classifiers import counts_from_report
 from data_prep.errors import PrepError
 from data_prep.manifest import load_manifest
 from data_prep.recipe import recipe_from_dict
@@ -42,4 +43,7 @@ def relabel(directory: str | Path, undiscovered_rate: Optional[float] = None,
                 raise PrepError(f"relabel {d}: {p} is missing or not the size the manifest records")
     base = {k: manifest[k] for k in ("tokenizer", "token_dtype", "sources", "corpus")}
     base["test_splits"] = sorted(k for k in manifest["splits"] if k != "train")
+    # What the map measured and hashed stays: a new policy does not change the classifier.
+    base["classifier_files"] = manifest["classifier"].get("files", {})
+    base["classifier_stage_counts"] = counts_from_report(manifest["classifier"].get("stages"))
     return label_shards(recipe, d, entries, base, log=lambda msg: None)

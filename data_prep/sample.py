@@ -15,7 +15,8 @@ Runs once, before the map, in one process; the map tasks then read only its smal
    only documents whose paragraphs share one truth are eligible (held-out sets stay pure).
 4. **Tokenizer**: trained on the sample's train documents (``tokenizer.max_train_bytes``).
 5. **Topic classifier**: fit on a seeded ``seed_fraction`` of the sample's train documents,
-   saved as JSON; its seed documents are flagged in the map's ``*_seed.npy``.
+   saved as JSON; its seed documents are flagged in the map's ``*_seed.npy``. A classifier
+   the user brings (fasttext, hf, keywords, python, cascade) has its files hashed here.
 
 Documents are identified by ``(shard, ordinal)``: their position in the shard's stream of
 kept, valid documents, which every reader of the shard sees the same way.
@@ -31,7 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from data_prep import shards
-from data_prep.classifiers import TopicScorer, make_scorer, seed_mask
+from data_prep.classifiers import TopicScorer, file_records, make_scorer, seed_mask
 from data_prep.documents import DOMAIN_NAMES, FORGET, RETAIN, Doc, Keep, shard_docs
 from data_prep.encode import ChunkEncoder
 from data_prep.errors import PrepError
@@ -194,6 +195,8 @@ def run_global(recipe: Recipe, out: Path, plan: list[ShardSpec], caps: Caps, sam
         state_names.append("caps.json")
         marker = {"tokenizer": tok.to_manifest(), "token_dtype": np.dtype(tok.token_dtype).name,
                   "test_splits": splits, "sample_docs": len(sample.docs),
+                  # The classifier's model files, hashed once here for the manifest.
+                  "classifier_files": file_records(cfg),
                   "files": {n: shards.file_record(tmp, n) for n in names},
                   "state": {n: shards.file_record(tmp, n) for n in state_names}}
         shards.place(tmp, out, names)

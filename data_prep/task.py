@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from data_prep import shards
-from data_prep.classifiers import make_scorer
+from data_prep.classifiers import add_counts, make_scorer, scorer_key
 from data_prep.documents import Doc, DocCounts, shard_docs
 from data_prep.encode import ChunkEncoder
 from data_prep.errors import PrepError
@@ -31,8 +31,9 @@ _encoders: dict = {}
 
 
 def encoder_for(recipe: Recipe, out: Path, state: GlobalState) -> ChunkEncoder:
-    """One tokenizer + scorer per process (the language model is large; load it once)."""
-    key = (str(out), state.tokenizer.sha256)
+    """One tokenizer + scorer per process, for every shard it runs (models are large and slow
+    to load: once per worker, never per shard). A changed classifier is a new key."""
+    key = (str(out), state.tokenizer.sha256, scorer_key(recipe.classifier))
     if key not in _encoders:
         tok = state.tokenizer
         _encoders.clear()
@@ -69,6 +70,7 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
     heldout, seed = state.ordinals("heldout", spec.index), state.ordinals("seed", spec.index)
     encoder = encoder_for(recipe, out, state)
     counts, digest = DocCounts(), hashlib.sha256()
+    stage_counts = None  # cascades: per level and stage, summed over the shard's chunks
     arrays: dict[str, list[np.ndarray]] = {k: [] for k in shards.DOC_ARRAYS}
     n_docs = n_tokens = n_heldout = text_bytes = ordinal = 0
     try:
@@ -88,6 +90,7 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
                     text_bytes += sum(len(d.text.encode("utf-8")) for d in chunk)
                     enc = encoder.encode(chunk, paragraphs)
                     writer.add(enc.tokens, enc.doc_lengths)
+                    stage_counts = add_counts(stage_counts, enc.stage_counts)
                     arrays["truth"].append(enc.doc_truth)
                     arrays["scores"].append(enc.doc_scores)
                     arrays["seed"].append(_member(seed, ords[~test]).astype(np.uint8))
@@ -123,6 +126,8 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
     marker = {"shard": spec.index, "prefix": prefix, "input_sha256": digest.hexdigest(),
               "num_docs": n_docs, "num_tokens": n_tokens, "heldout_docs": n_heldout,
               "text_bytes": text_bytes, "counts": counts.to_dict(), "files": files}
+    if stage_counts is not None:
+        marker["classifier_stages"] = stage_counts
     try:
         shards.write_json_atomic(shards.marker_path(out, spec.index), marker)
     except OSError as e:

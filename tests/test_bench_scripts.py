@@ -67,3 +67,18 @@ def test_prep_scale_bench_prints_its_machine_and_ratios(tmp_path):
     data = json.loads((tmp_path / "prep_scale.json").read_text())
     assert {(r["size_gb"], r["workers"]) for r in data["rows"]} == {(0.002, 1), (0.002, 2), (0.004, 1), (0.004, 2)}
     assert all(r["mb_s"] > 0 and r["peak_rss_per_worker"] > 0 for r in data["rows"])
+
+
+@pytest.mark.slow
+def test_prep_speed_bench_one_row_per_classifier_kind(tmp_path):
+    pytest.importorskip("fasttext", reason="the classifiers extra (fasttext-numpy2-wheel) is not installed")
+    proc = _run(["bench/prep_speed.py", "--classifier", "cascade", "--classifier", "python", "--workers", "2",
+                 "max_docs=300", "split.max_test_docs=20", "tokenizer.kind=bpe", "tokenizer.vocab_size=600",
+                 "tokenizer.max_train_bytes=150000"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "machine:" in proc.stdout and "built: fastText model" in proc.stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| kind")}
+    assert set(rows) == {"cascade", "python"}
+    for cells in rows.values():  # docs/s and MB/s per core, wall seconds, classifier alone
+        assert all(float(c.replace(",", "")) > 0 for c in cells)

@@ -1,23 +1,10 @@
-"""Forget-score classifiers and their measured quality against ground truth.
-
-Every document gets a float forget-score in [0, 1]; labels come later from a
-threshold (see :mod:`data_prep.noise`), so thresholds and noise can change without
-re-tokenizing. The errors measured here are the classifier's own, never injected.
-"""
+"""The language classifier: py3langid restricted to the recipe's languages."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 
-from data_prep.documents import FORGET
-from data_prep.errors import PrepError
+from data_prep.classifiers.base import Scorer
 from data_prep.recipe import ClassifierConfig
-
-TOPIC_FILE = "topic_classifier.json"
-
 
 _IDENTIFIERS: dict = {}
 
@@ -34,7 +21,7 @@ def _identifier(languages: tuple[str, ...]):
     return _IDENTIFIERS[languages]
 
 
-class LanguageScorer:
+class LanguageScorer(Scorer):
     """py3langid restricted to the recipe's languages; score = P(forget language).
 
     Uses py3langid's own model and scoring rule, but walks its byte DFA for a whole
@@ -56,6 +43,7 @@ class LanguageScorer:
         self._encode = ident._encode
         self._target = list(ident.nb_classes).index(cfg.forget_language)
         self._max_chars = cfg.max_chars
+        self.who = f"classifier language ({cfg.forget_language} of {', '.join(cfg.languages)})"
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         """Normalised class probabilities, one row per text (py3langid's norm_probs)."""
@@ -109,85 +97,3 @@ class LanguageScorer:
         if not texts:
             return np.zeros(0, dtype=np.float32)
         return np.clip(self.probabilities(texts)[:, self._target], 0.0, 1.0).astype(np.float32)
-
-
-class TopicScorer:
-    """TF-IDF + logistic regression fit on a labelled seed split of the train documents."""
-
-    def __init__(self, cfg: ClassifierConfig):
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-
-        self._vec = TfidfVectorizer(sublinear_tf=True, min_df=2, max_features=50000)
-        # Balanced weights: the forget topic is a minority class (~14% of English leads).
-        self._clf = LogisticRegression(C=10.0, class_weight="balanced", max_iter=1000)
-
-    def fit(self, texts: list[str], is_forget: np.ndarray) -> "TopicScorer":
-        if is_forget.all() or not is_forget.any():
-            raise PrepError("topic classifier: the seed split needs both forget and non-forget documents")
-        self._clf.fit(self._vec.fit_transform(texts), is_forget)
-        return self
-
-    def score(self, texts: list[str]) -> np.ndarray:
-        return self._clf.predict_proba(self._vec.transform(texts))[:, 1].astype(np.float32)
-
-    def save(self, directory: Path) -> str:
-        """The fitted vocabulary, idf weights and coefficients as JSON (no pickle; floats
-        round-trip exactly), so every map task, on any machine, scores with these numbers."""
-        vocab = sorted(self._vec.vocabulary_.items(), key=lambda kv: kv[1])
-        data = {"terms": [t for t, _ in vocab], "idf": self._vec.idf_.tolist(),
-                "coef": self._clf.coef_.tolist(), "intercept": self._clf.intercept_.tolist(),
-                "classes": self._clf.classes_.tolist()}
-        (Path(directory) / TOPIC_FILE).write_text(json.dumps(data), encoding="utf-8")
-        return TOPIC_FILE
-
-    @classmethod
-    def load(cls, directory: Path, cfg: ClassifierConfig) -> "TopicScorer":
-        try:
-            data = json.loads((Path(directory) / TOPIC_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise PrepError(f"{directory}: topic classifier unreadable ({e}); rerun with --force") from None
-        self = cls(cfg)
-        self._vec.set_params(vocabulary={t: i for i, t in enumerate(data["terms"])})
-        self._vec.fit(["x"])  # builds the fixed-vocabulary analyzer; idf is replaced next
-        self._vec.idf_ = np.asarray(data["idf"], np.float64)
-        self._clf.coef_ = np.asarray(data["coef"], np.float64)
-        self._clf.intercept_ = np.asarray(data["intercept"], np.float64)
-        self._clf.classes_ = np.asarray(data["classes"])
-        return self
-
-
-def make_scorer(cfg: ClassifierConfig, state_dir: Path) -> Optional[Callable[[list[str]], np.ndarray]]:
-    """The per-text forget scorer of a map task; None for the oracle (scores from truth)."""
-    if cfg.kind == "language":
-        return LanguageScorer(cfg).score
-    if cfg.kind == "topic":
-        return TopicScorer.load(state_dir, cfg).score
-    return None
-
-
-def seed_mask(n: int, cfg: ClassifierConfig) -> np.ndarray:
-    """Which train documents form the classifier's labelled seed split."""
-    rng = np.random.default_rng([cfg.seed, 7])
-    mask = np.zeros(n, dtype=bool)
-    mask[rng.permutation(n)[: max(1, int(round(cfg.seed_fraction * n)))]] = True
-    return mask
-
-
-def oracle_scores(truth: np.ndarray) -> np.ndarray:
-    return (truth == FORGET).astype(np.float32)
-
-
-def measure(scores: np.ndarray, truth: np.ndarray, threshold: float, evaluate: np.ndarray) -> dict:
-    """Precision / recall / F1 of the thresholded classifier on the ``evaluate`` docs."""
-    flag = scores[evaluate] >= threshold
-    pos = truth[evaluate] == FORGET
-    tp = int((flag & pos).sum())
-    fp = int((flag & ~pos).sum())
-    fn = int((~flag & pos).sum())
-    precision = tp / (tp + fp) if tp + fp else 1.0
-    recall = tp / (tp + fn) if tp + fn else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": round(precision, 6), "recall": round(recall, 6), "f1": round(f1, 6),
-            "true_positives": tp, "false_positives": fp, "false_negatives": fn,
-            "evaluated_docs": int(evaluate.sum()), "threshold": threshold}
