@@ -40,7 +40,7 @@ def _stderr(msg: str) -> None:
 def recipe_fingerprint(recipe: Recipe) -> str:
     """The recipe without its noise policy (relabelling changes that) and without settings
     that cannot change the output (chunk size)."""
-    d = recipe.to_dict()
+    d = recipe.fingerprint_dict()
     d.pop("noise")
     d["sharding"].pop("chunk_docs")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

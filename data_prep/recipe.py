@@ -182,6 +182,18 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def fingerprint_dict(self) -> dict:
+        """The recipe as its fingerprints see it: classifier keys added after the first prep
+        format are left out where they hold their defaults, so a directory prepared before
+        they existed is still recognised as the same corpus (continued, extended,
+        relabelled) instead of being refused until ``--force`` rebuilds it."""
+        d = self.to_dict()
+        defaults = dataclasses.asdict(ClassifierConfig())
+        for key in LATER_CLASSIFIER_KEYS:
+            if d["classifier"][key] == defaults[key]:
+                del d["classifier"][key]
+        return d
+
     def problems(self) -> list[str]:
         errors: list[str] = []
         _check_values(self, errors)
@@ -245,6 +257,11 @@ def _check_values(r: Recipe, errors: list[str]) -> None:
         errors.append("noise.fp_pool: must be auto, adjacent or retain")
 
 
+# Classifier settings that did not exist in the first prep format (see fingerprint_dict). A
+# key added to ClassifierConfig later belongs here too, or every earlier directory is refused.
+LATER_CLASSIFIER_KEYS = ("model", "forget_label", "batch_size", "max_length", "window_aggregation",
+                         "max_windows", "dtype", "device", "threads", "keywords", "min_hits",
+                         "case_fold", "distinct_terms", "entry_point", "stages", "decides")
 CLASSIFIER_KINDS = ("language", "topic", "oracle", "fasttext", "hf", "keywords", "python", "cascade")
 # Stages score texts on their own: topic (fit on a corpus-wide seed split), the oracle and
 # nested cascades are not stages.

@@ -180,7 +180,8 @@ def sources_provenance(recipe: Recipe, plan: list[ShardSpec], markers: dict[int,
 
 def corpus_fingerprint(recipe: Recipe, sources: list[dict], tokenizer_sha: Optional[str],
                        classifier_files: Optional[dict] = None) -> str:
-    d = _recorded_recipe(recipe)
+    d = recipe.fingerprint_dict()
+    d["sharding"].pop("chunk_docs")
     d.pop("noise")
     record = {"recipe": d, "sources": sources, "tokenizer_sha256": tokenizer_sha}
     if classifier_files:  # a user's model: its bytes are part of what made the labels
