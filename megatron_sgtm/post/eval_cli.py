@@ -124,12 +124,19 @@ def _lm_eval_rows(args, lm, ablate: bool, tag: dict, model=None, core=None, meta
 def _generation(args, model, manifest: dict, bias, seq: int, device) -> dict:
     import sentencepiece as spm
 
-    from .generation import SamplingConfig, capability_rate, generate, language_classifier
+    from data_prep.errors import PrepError
 
-    cfg = (manifest.get("recipe") or {}).get("classifier") or {}
-    if cfg.get("kind", "language") not in ("language", "oracle") or "languages" not in cfg:
-        raise ckpt_io.PostError("--generate supports language recipes here; for topics pass a "
-                                "classifier callable to megatron_sgtm.post.generation")
+    from .generation import SamplingConfig, capability_rate, generate, recipe_classifier
+
+    try:
+        classifier = recipe_classifier(manifest)
+    except PrepError as exc:  # the recipe's model file has moved or changed since prep
+        raise ckpt_io.PostError(f"--generate: the recipe's classifier: {exc}") from None
+    if classifier is None:
+        raise ckpt_io.PostError("--generate needs a classifier that works on new text; this "
+                                "recipe's topic classifier is fit during prep (sgtm study "
+                                "refits one), or pass a classifier callable to "
+                                "megatron_sgtm.post.generation.capability_rate")
     prompts = shards.sequences(args.data, "test_forget", args.prompt_tokens - 1,
                                args.generate)[:, : args.prompt_tokens].to(device)
     rows = generate(model, prompts, SamplingConfig(args.max_new_tokens, args.temperature,
@@ -137,8 +144,7 @@ def _generation(args, model, manifest: dict, bias, seq: int, device) -> dict:
                     logit_bias=bias)
     sp = spm.SentencePieceProcessor(model_file=str(args.data / "tokenizer.model"))
     texts = [sp.decode(r) for r in rows]
-    out = capability_rate(texts, language_classifier(tuple(cfg["languages"]),
-                                                     cfg["forget_language"]))
+    out = capability_rate(texts, classifier)
     out["examples"] = texts[:3]
     return out
 

@@ -6,6 +6,7 @@ ranks produce the same tokens without a broadcast.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -83,6 +84,29 @@ def language_classifier(languages: Sequence[str] = ("en", "es"), target: str = "
                          for t in texts], dtype=np.float32)
 
     return score
+
+
+def recipe_classifier(manifest: dict) -> Optional[Classifier]:
+    """The prep recipe's own forget classifier, as a function of texts, for classifying
+    generated continuations with the family that labelled the corpus: py3langid for language
+    recipes (and the oracle of a language split), the user's model for ``fasttext``, ``hf``,
+    ``keywords``, ``python`` and ``cascade`` (loaded from the files the manifest names, as
+    prep loaded them). None for ``topic`` and a topical oracle: a TF-IDF classifier has to be
+    fit on the corpus first (``sgtm study`` refits one on the training documents)."""
+    recipe = manifest.get("recipe") or {}
+    cfg = recipe.get("classifier") or {}
+    kind = cfg.get("kind", "language")
+    topical = bool((recipe.get("topics") or {}).get("forget"))
+    if kind == "language" or (kind == "oracle" and not topical):
+        return language_classifier(tuple(cfg.get("languages", ("en", "es"))),
+                                   cfg.get("forget_language", "es"), cfg.get("max_chars", 300))
+    if kind in ("topic", "oracle"):
+        return None
+    from data_prep.classifiers.registry import make_scorer
+    from data_prep.recipe import recipe_from_dict
+
+    scorer = make_scorer(recipe_from_dict(recipe).classifier, Path())
+    return lambda texts: scorer.trace(list(texts)).scores
 
 
 def capability_rate(texts: list[str], classifier: Classifier, threshold: float = 0.5) -> dict:

@@ -73,13 +73,12 @@ def _train_by_truth(shard_dir: str, truth: int, seq: int, limit: int):
 @lru_cache(maxsize=2)
 def _classifier(shard_dir: str):
     """The data-prep classifier family for the forget domain: texts -> scores in [0, 1]."""
-    manifest = json.loads((Path(shard_dir) / "manifest.json").read_text())
-    cfg = manifest["recipe"]["classifier"]
-    topical = bool(manifest["recipe"].get("topics", {}).get("forget"))
-    if cfg["kind"] == "language" or (cfg["kind"] == "oracle" and not topical):
-        from ..post.generation import language_classifier
+    from ..post.generation import recipe_classifier
 
-        return language_classifier(tuple(cfg["languages"]), cfg["forget_language"], cfg["max_chars"])
+    manifest = json.loads((Path(shard_dir) / "manifest.json").read_text())
+    own = recipe_classifier(manifest)
+    if own is not None:
+        return own
     # Topic recipes: refit the TF-IDF classifier on decoded training documents.
     import sentencepiece as spm
 
