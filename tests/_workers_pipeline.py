@@ -160,3 +160,40 @@ def _full_state_once(family):
         ps.destroy_model_parallel()
     init_parallel(1, seed=0)  # a TP=1 group to build the reference weights in
     return full_state(family)
+
+
+def initial_params(rank, world, layouts, families):
+    """Every (layout, family): this rank's freshly built parameters in the TP=1 layout, by
+    global name (gathered over TP; the last stage's tied copy as ``copy:`` + its name)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_sgtm.init import global_names
+    from megatron_sgtm.model import build_model_chunks
+    from megatron_sgtm.parallel import init_parallel
+    from tp_utils import unshard
+
+    out = {}
+    for layout in layouts:
+        for family in families:
+            cfg = experiment(family, layout, "sgtm")
+            if ps.model_parallel_is_initialized():
+                ps.destroy_model_parallel()
+            init_parallel(cfg.tensor_parallel, cfg.train.seed,
+                          pipeline_parallel=cfg.pipeline_parallel,
+                          virtual_pipeline_parallel=cfg.virtual_pipeline_parallel)
+            tp = cfg.tensor_parallel
+            params = {}
+            for chunk in build_model_chunks(cfg.core, seed=cfg.train.seed):
+                names = global_names(chunk)
+                for local, param in chunk.named_parameters():
+                    value = param.detach()
+                    if tp > 1:
+                        parts = [torch.empty_like(value) for _ in range(tp)]
+                        dist.all_gather(parts, value.contiguous(),
+                                        group=ps.get_tensor_model_parallel_group())
+                        value = unshard(names[local], parts, cfg.model.activation == "swiglu")
+                    key = ("copy:" if getattr(param, "shared", False) else "") + names[local]
+                    params[key] = value.clone()
+            out[(layout, family)] = params
+    return out
