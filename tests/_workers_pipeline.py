@@ -39,6 +39,10 @@ LAYOUTS = {
     "pp2_vp2": (2, ["pipeline_parallel=2", "virtual_pipeline_parallel=2"]),
     "tp2_sp": (2, ["tensor_parallel=2", "sequence_parallel=true"]),
     "pp2_recompute": (2, ["pipeline_parallel=2", "model.activation_recompute=full"]),
+    "tp2_sp_recompute": (2, ["tensor_parallel=2", "sequence_parallel=true",
+                             "model.activation_recompute=full"]),
+    "pp2_vp2_recompute": (2, ["pipeline_parallel=2", "virtual_pipeline_parallel=2",
+                              "model.activation_recompute=full"]),
     "tp2_pp2": (4, ["tensor_parallel=2", "pipeline_parallel=2"]),
     "tp2_pp2_sp": (4, ["tensor_parallel=2", "pipeline_parallel=2", "sequence_parallel=true"]),
 }

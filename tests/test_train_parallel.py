@@ -1,5 +1,6 @@
 """Training at DP=2, TP=2 and DP x TP = 2 x 2 equals single-process training with the same
-global batch; the loss falls on real text; DeepSpeed ZeRO-1/2 match the default engine."""
+global batch; the loss falls on real text; DeepSpeed ZeRO-1/2 match the default engine, also
+with full activation recompute."""
 from __future__ import annotations
 
 import pytest
@@ -40,6 +41,8 @@ def runs(shards, tmp_path_factory):
         ("zero1", STEPS, ["engine.name=deepspeed", "engine.zero_stage=1"]),
         ("zero2", STEPS, ["engine.name=deepspeed", "engine.zero_stage=2"]),
         ("zero2_resumed", STEPS, ["engine.name=deepspeed", "engine.zero_stage=2"], True),
+        ("zero2_recompute", STEPS, ["engine.name=deepspeed", "engine.zero_stage=2",
+                                    "model.activation_recompute=full"]),
     ])
     run_distributed(train_variants, 4, shards, str(root), [("dp2tp2", STEPS, ["tensor_parallel=2"])])
     return root
@@ -103,6 +106,12 @@ def test_slung_masks_the_loss_of_flagged_tokens(runs):
     # same batch) is the no-filter loss with those tokens' terms removed.
     first = {m: losses(runs / m)[0] for m in ("none", "slung")}
     assert first["slung"] < 0.9 * first["none"]
+
+
+@pytest.mark.slow
+def test_deepspeed_with_full_recompute_is_bitwise_equal(runs):
+    # The recomputed forward runs inside DeepSpeed's backward, under the micro-batch's routing.
+    assert losses(runs / "zero2_recompute") == losses(runs / "zero2")
 
 
 @pytest.mark.slow
