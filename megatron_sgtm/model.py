@@ -1,8 +1,10 @@
 """Build a megatron-core ``GPTModel`` whose blocks carry SGTM routing.
 
-The layer spec is megatron's local one with four swaps: the SGTM linears, ``RoutedNorm`` and
-a torch SDPA core attention (TE attention when Transformer Engine is installed and asked for).
-After construction, ``bind_routing`` tells every linear its role, layer and local forget units.
+The layer spec is megatron's local one with five swaps: the SGTM linears, ``RoutedNorm``, a
+torch SDPA core attention (TE attention when Transformer Engine is installed and asked for)
+and a bias-dropout-add whose masks are keyed by sample and layer (``dropout.py``). After
+construction every parameter gets its layout-free initial value (``init.py``), and
+``bind_routing`` tells every linear its role, layer and local forget units.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -26,6 +27,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from .config import CoreConfig, ModelConfig
 from .cpu_shims import apply_cpu_shims
+from .dropout import KeyedBiasDropoutAdd, bind_dropout
 from .init import initialize_chunks, resolve_seed
 from .mcore_layers import (
     RoutedNorm,
@@ -59,7 +61,8 @@ def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool,
         normalization=model.normalization,
         add_bias_linear=model.add_bias_linear,
         hidden_dropout=model.dropout,
-        attention_dropout=model.dropout,
+        attention_dropout=model.dropout if model.attention_dropout is None
+        else model.attention_dropout,
         init_method_std=model.init_std,
         tensor_model_parallel_size=tp,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -116,11 +119,11 @@ def layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
                     k_layernorm=IdentityOp,
                 ),
             ),
-            self_attn_bda=get_bias_dropout_add,
+            self_attn_bda=KeyedBiasDropoutAdd,
             pre_mlp_layernorm=RoutedNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
                 linear_fc1=SGTMColumnParallelLinear, linear_fc2=SGTMRowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
+            mlp_bda=KeyedBiasDropoutAdd,
         ),
     )
 
@@ -265,6 +268,7 @@ def build_model_chunks(core: CoreConfig, seed: int | None = None) -> list[SGTMGP
             else "learned_absolute",
             rotary_base=core.model.rotary_base, parallel_output=True, vp_stage=vp_stage)
         initialize_chunks([model], seed, core.model.init_std, core.model.num_layers, tp, tp_rank)
+        bind_dropout(model, seed)
         bind_routing(model, partition, core, tp, tp_rank)
         model.partition = partition
         model.init_seed = seed

@@ -23,6 +23,10 @@ FAMILIES = {
                    "model.normalization=RMSNorm", "model.tie_embeddings=false",
                    "model.output_bias=true"],
 }
+# Hidden and embedding dropout on (tests/test_dropout.py); attention dropout stays off, it is
+# the kernel's own draw.
+FAMILIES["mha_gelu_dropout"] = FAMILIES["mha_gelu"] + ["model.dropout=0.2",
+                                                       "model.attention_dropout=0"]
 COMMON = ["data.dir=unused", "partition.forget_heads=4", "partition.forget_mlp_units=16",
           "partition.max_tp=4", "train.micro_batch_size=4", "train.global_batch_size=24",
           "model.params_dtype=fp32", "train.seed=3"]
@@ -52,11 +56,13 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 def micro_batches(mixes, seq: int = 16, vocab: int = 96, seed: int = 5):
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for labels in mixes:
+    for k, labels in enumerate(mixes):
         rows = torch.randint(0, vocab, (len(labels), seq + 1), generator=gen)
         routing = torch.tensor(labels).unsqueeze(1).expand(len(labels), seq).contiguous()
         out.append({"tokens": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous(),
-                    "routing_labels": routing, "applied_label": routing.clone()})
+                    "routing_labels": routing, "applied_label": routing.clone(),
+                    # Places in a data order (they key the dropout masks), out of sequence.
+                    "sample_position": torch.arange(len(labels)) * 7 + 100 * k})
     return out
 
 

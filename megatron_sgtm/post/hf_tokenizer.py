@@ -285,6 +285,16 @@ def write_hf_tokenizer(model_path: Path, out_dir: Path, model_max_length: int) -
     return ids
 
 
+def tokenizer_note(hf_dir: Path) -> str:
+    """One line on what the export's tokenizer encodes exactly (from ``EXACTNESS_FILE``)."""
+    record = json.loads((Path(hf_dir) / EXACTNESS_FILE).read_text(encoding="utf-8"))
+    if record["exact"]:
+        return "the tokenizer encodes every text to the run's sentencepiece ids"
+    names = "; ".join(c["case"] for c in record["inexact_cases"])
+    return (f"the tokenizer encodes to the run's sentencepiece ids except in the cases "
+            f"{EXACTNESS_FILE} names: {names}")
+
+
 def compare(hf_dir: Path, model_path: Path, texts: Iterable[str]) -> list[dict]:
     """Texts whose ids, or decoded text (for ids without ``<unk>``), differ between
     AutoTokenizer(hf_dir) and sentencepiece; an id difference names its ``case``: "grapheme
