@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 _state = threading.local()
 _MASK64 = (1 << 64) - 1
@@ -138,8 +139,6 @@ class KeyedBiasDropoutAdd:
     site: int = 0
 
     def __call__(self, training: bool, fused: bool):
-        from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-
         plain = get_bias_dropout_add(training, fused)
 
         def bias_dropout_add(x_with_bias, residual, prob):

@@ -271,7 +271,6 @@ def build_model_chunks(core: CoreConfig, seed: int | None = None) -> list[SGTMGP
         bind_dropout(model, seed)
         bind_routing(model, partition, core, tp, tp_rank)
         model.partition = partition
-        model.init_seed = seed
         if config.bf16:
             # params_dtype reaches only the layers that read it; position embeddings and the
             # final norm are created in fp32, and an fp32 position embedding would turn every
