@@ -26,7 +26,7 @@ each case (``inexact_cases``). Two are known:
 - **float32 path sums** (unigram). sentencepiece's Viterbi adds piece scores along the whole
   text in float32; the tokenizers library adds them in float64. Two segmentations whose sums
   lie within float32 rounding of each other, rounding that grows with the position in the
-  text (2**-11 at a sum of 2**13, after a few hundred words), are ranked differently, e.g.
+  text (2**-11 at a sum of 2**13, about a thousand tokens in), are ranked differently, e.g.
   ``por lo tanto,`` as ``▁t an to`` against ``▁ ta nt o`` deep in a long document. ``sgtm prep``
   therefore keeps unigram scores on a grid of ``SCORE_QUANTUM`` (``exact_scores``): every sum
   of grid scores up to ``EXACT_SUM_LIMIT`` is exact in float32 as in float64, so both find the
@@ -111,8 +111,11 @@ def exact_scores(model_bytes: bytes) -> bytes:
     return proto.SerializeToString()
 
 
-def _on_grid(score: float) -> bool:
-    return float(score) / SCORE_QUANTUM == round(float(score) / SCORE_QUANTUM)
+def scores_on_grid(proto) -> bool:
+    """A unigram model whose normal pieces' scores are all multiples of ``SCORE_QUANTUM``."""
+    return proto.trainer_spec.model_type == UNIGRAM and all(
+        p.score / SCORE_QUANTUM == round(p.score / SCORE_QUANTUM)
+        for p in proto.pieces if p.type == NORMAL)
 
 
 def inexact_cases(proto) -> list[dict]:
@@ -121,7 +124,7 @@ def inexact_cases(proto) -> list[dict]:
     pieces = list(proto.pieces)
     if proto.trainer_spec.model_type == UNIGRAM:
         normal = [p.score for p in pieces if p.type == NORMAL]
-        if not all(_on_grid(x) for x in normal):
+        if not scores_on_grid(proto):
             cases.append({
                 "case": "float32 path sums",
                 "where": "a word with two segmentations whose score sums are within float32 "
@@ -275,8 +278,7 @@ def write_hf_tokenizer(model_path: Path, out_dir: Path, model_max_length: int) -
                 {k: config[k] for k in ("eos_token", "pad_token", "unk_token")})
     cases = inexact_cases(proto)
     _write_json(out_dir / EXACTNESS_FILE, {
-        "exact": not cases, "score_grid": SCORE_QUANTUM if proto.trainer_spec.model_type == UNIGRAM
-        and all(_on_grid(p.score) for p in proto.pieces if p.type == NORMAL) else None,
+        "exact": not cases, "score_grid": SCORE_QUANTUM if scores_on_grid(proto) else None,
         "inexact_cases": cases})
     mismatches = compare(out_dir, model_path, PROBES)
     if mismatches:
