@@ -3,6 +3,8 @@
 Reserved pieces: ``<unk>`` (0), ``<eod>`` (1, appended to every document), ``<pad>`` (2)
 and the control tokens ``<good>`` / ``<bad>`` for the conditional-training baseline.
 They are control symbols, so text that happens to contain "<good>" never encodes to them.
+Unigram piece scores are rounded to multiples of 2**-5 after training, so the exported HF
+tokenizer encodes raw text to the same ids (``megatron_sgtm/post/hf_tokenizer.py``).
 """
 from __future__ import annotations
 
@@ -100,4 +102,8 @@ def train_tokenizer(texts: list[str], cfg: TokenizerConfig) -> TokenizerInfo:
         )
     except RuntimeError as e:
         raise PrepError(f"tokenizer training failed: {e}") from None
-    return describe(buf.getvalue(), "(trained)")
+    # Unigram scores on a float32-exact grid: sentencepiece's float32 path sums then rank
+    # segmentations exactly as the HF export's float64 ones (megatron_sgtm/post/hf_tokenizer.py).
+    from megatron_sgtm.post.hf_tokenizer import exact_scores
+
+    return describe(exact_scores(buf.getvalue()), "(trained)")

@@ -28,7 +28,11 @@ class ModelConfig:
     vocab_size: int = 2048
     seq_length: int = 64
     init_std: float = 0.02
+    # Hidden and embedding dropout: masks keyed by sample and layer, the same at every layout.
     dropout: float = 0.0
+    # Attention-probability dropout (None: ``dropout``), drawn inside the attention kernel
+    # from the device generator, so it depends on the layout (megatron_sgtm/dropout.py).
+    attention_dropout: Optional[float] = None
     rotary_base: int = 10000
     # Per-head width. None means hidden_size / num_attention_heads; set explicitly when heads
     # do not divide hidden_size (e.g. a pruned model with forget heads removed).
@@ -79,6 +83,8 @@ class ModelConfig:
                        f"num_attention_heads {self.num_attention_heads}")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            out.append(f"attention_dropout: must be in [0, 1), got {self.attention_dropout}")
         if self.position_embedding == "rope" and self.num_attention_heads > 0 and self.head_dim % 2:
             out.append("position_embedding rope needs an even head dimension")
         if self.recompute_num_layers <= 0:

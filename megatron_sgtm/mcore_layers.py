@@ -19,6 +19,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
+from . import dropout as dropout_mod
 from . import routing as routing_mod
 from .masking import DropTokenGrads, MaskedAffine, MaskedBiasBroadcast, MaskedWgradLinear, gate_row_input
 from .partition import to_runs
@@ -243,9 +244,9 @@ _MEGATRON_CHECKPOINT = None
 def install_routed_recompute() -> None:
     """Wrap ``megatron.core.tensor_parallel.checkpoint``, which megatron's transformer block
     (full recompute) and attention (selective recompute) look up at call time, so that the
-    recomputed forward runs under the routing of the micro-batch that took the checkpoint.
-    Without it the recompute, which runs inside backward, would see no routing or a later
-    micro-batch's. Idempotent; unchanged behaviour when nothing is routed."""
+    recomputed forward runs under the routing (and dropout keys) of the micro-batch that took
+    the checkpoint. Without it the recompute, which runs inside backward, would see no routing
+    or a later micro-batch's. Idempotent; unchanged behaviour when nothing is routed."""
     global _MEGATRON_CHECKPOINT
     from megatron.core import tensor_parallel
 
@@ -254,10 +255,10 @@ def install_routed_recompute() -> None:
     _MEGATRON_CHECKPOINT = tensor_parallel.checkpoint
 
     def routed_checkpoint(function, distribute_saved_activations, *args):
-        captured = routing_mod.current()
+        captured, keys = routing_mod.current(), dropout_mod.current()
 
         def rerun(*inputs):
-            with routing_mod.reenter(captured):
+            with routing_mod.reenter(captured), dropout_mod.reenter(keys):
                 return function(*inputs)
 
         return _MEGATRON_CHECKPOINT(rerun, distribute_saved_activations, *args)

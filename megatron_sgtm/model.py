@@ -1,19 +1,19 @@
 """Build a megatron-core ``GPTModel`` whose blocks carry SGTM routing.
 
-The layer spec is megatron's local one with four swaps: the SGTM linears, ``RoutedNorm`` and
-a torch SDPA core attention (TE attention when Transformer Engine is installed and asked for).
-After construction, ``bind_routing`` tells every linear its role, layer and local forget units.
+The layer spec is megatron's local one with five swaps: the SGTM linears, ``RoutedNorm``, a
+torch SDPA core attention (TE attention when Transformer Engine is installed and asked for)
+and a bias-dropout-add whose masks are keyed by sample and layer (``dropout.py``). After
+construction every parameter gets its layout-free initial value (``init.py``), and
+``bind_routing`` tells every linear its role, layer and local forget units.
 """
 from __future__ import annotations
 
 import re
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -27,6 +27,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from .config import CoreConfig, ModelConfig
 from .cpu_shims import apply_cpu_shims
+from .dropout import KeyedBiasDropoutAdd, bind_dropout
+from .init import initialize_chunks, resolve_seed
 from .mcore_layers import (
     RoutedNorm,
     SDPACoreAttention,
@@ -59,7 +61,8 @@ def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool,
         normalization=model.normalization,
         add_bias_linear=model.add_bias_linear,
         hidden_dropout=model.dropout,
-        attention_dropout=model.dropout,
+        attention_dropout=model.dropout if model.attention_dropout is None
+        else model.attention_dropout,
         init_method_std=model.init_std,
         tensor_model_parallel_size=tp,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -116,11 +119,11 @@ def layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
                     k_layernorm=IdentityOp,
                 ),
             ),
-            self_attn_bda=get_bias_dropout_add,
+            self_attn_bda=KeyedBiasDropoutAdd,
             pre_mlp_layernorm=RoutedNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
                 linear_fc1=SGTMColumnParallelLinear, linear_fc2=SGTMRowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
+            mlp_bda=KeyedBiasDropoutAdd,
         ),
     )
 
@@ -164,10 +167,11 @@ class SGTMGPTModel(GPTModel):
 
         GPTModel calls it from its constructor, before our output layer exists, so it runs
         once afterwards. With tied embeddings split over pipeline stages, the last stage's
-        copy of the word embeddings starts at zero and one all-reduce over the embedding
-        group gives it the first stage's values (megatron's scheme; finalize_model_grads
-        later sums the two copies' gradients). Unlike megatron's version it moves nothing
-        to CUDA, so it also runs on CPU."""
+        copy of the word embeddings is marked as megatron marks it (finalize_model_grads
+        sums the two copies' gradients every step); its initial value is the embedding's
+        own, drawn from the same stream (``init.py``), so no collective is needed, where
+        megatron zeroes the copy and all-reduces it from the first stage. Unlike megatron's
+        version it moves nothing to CUDA, so it also runs on CPU."""
         if not self._sgtm_output_ready:
             return
         if self.pre_process:
@@ -183,11 +187,7 @@ class SGTMGPTModel(GPTModel):
         if self.pre_process and not self.post_process:
             weight.shared_embedding = True
         if self.post_process and not self.pre_process:
-            with torch.no_grad():
-                weight.zero_()
             weight.shared, weight.shared_embedding = True, True
-        if self._is_in_embd_group():
-            dist.all_reduce(weight.data, group=self.embd_group)
 
 
 def decoder_layers(model: SGTMGPTModel):
@@ -229,11 +229,15 @@ def _check_groups(core: CoreConfig) -> tuple[int, int]:
     return tp, pp
 
 
-def build_model_chunks(core: CoreConfig) -> list[SGTMGPTModel]:
+def build_model_chunks(core: CoreConfig, seed: int | None = None) -> list[SGTMGPTModel]:
     """This process's model chunks: its pipeline stage's layers, split into one chunk per
     virtual stage under the interleaved schedule (a single chunk otherwise). The first
     stage's first chunk holds the embedding, the last stage's last chunk the output layer.
-    ``parallel_state`` must be initialised."""
+    ``parallel_state`` must be initialised.
+
+    Initial weights are a function of ``seed`` and each parameter's global name and shape
+    only (``init.py``): every layout of the same config starts from the same model. Without
+    a seed, one is drawn from torch's default generator."""
     use_gpu = torch.cuda.is_available()
     if not use_gpu:
         apply_cpu_shims()
@@ -243,6 +247,8 @@ def build_model_chunks(core: CoreConfig) -> list[SGTMGPTModel]:
     partition = build_partition(core.model, core.partition, core.routing)
     partition.check_tp(tp)
     vp = core.virtual_pipeline_parallel
+    seed = resolve_seed(seed)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     config = transformer_config(core.model, tp, use_gpu=use_gpu,
                                 sequence_parallel=core.sequence_parallel, pipeline_parallel=pp,
                                 virtual_pipeline_parallel=vp)
@@ -261,7 +267,9 @@ def build_model_chunks(core: CoreConfig) -> list[SGTMGPTModel]:
             position_embedding_type="rope" if core.model.position_embedding == "rope"
             else "learned_absolute",
             rotary_base=core.model.rotary_base, parallel_output=True, vp_stage=vp_stage)
-        bind_routing(model, partition, core, tp, parallel_state.get_tensor_model_parallel_rank())
+        initialize_chunks([model], seed, core.model.init_std, core.model.num_layers, tp, tp_rank)
+        bind_dropout(model, seed)
+        bind_routing(model, partition, core, tp, tp_rank)
         model.partition = partition
         if config.bf16:
             # params_dtype reaches only the layers that read it; position embeddings and the
@@ -275,9 +283,9 @@ def build_model_chunks(core: CoreConfig) -> list[SGTMGPTModel]:
     return chunks
 
 
-def build_model(core: CoreConfig) -> SGTMGPTModel:
+def build_model(core: CoreConfig, seed: int | None = None) -> SGTMGPTModel:
     """The SGTM GPT for this process's TP rank, without pipeline parallelism."""
     if core.pipeline_parallel != 1:
         raise ValueError("build_model builds a whole model; use build_model_chunks for "
                          "pipeline parallelism")
-    return build_model_chunks(core)[0]
+    return build_model_chunks(core, seed)[0]

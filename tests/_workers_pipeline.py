@@ -23,6 +23,10 @@ FAMILIES = {
                    "model.normalization=RMSNorm", "model.tie_embeddings=false",
                    "model.output_bias=true"],
 }
+# Hidden and embedding dropout on (tests/test_dropout.py); attention dropout stays off, it is
+# the kernel's own draw.
+FAMILIES["mha_gelu_dropout"] = FAMILIES["mha_gelu"] + ["model.dropout=0.2",
+                                                       "model.attention_dropout=0"]
 COMMON = ["data.dir=unused", "partition.forget_heads=4", "partition.forget_mlp_units=16",
           "partition.max_tp=4", "train.micro_batch_size=4", "train.global_batch_size=24",
           "model.params_dtype=fp32", "train.seed=3"]
@@ -39,6 +43,10 @@ LAYOUTS = {
     "pp2_vp2": (2, ["pipeline_parallel=2", "virtual_pipeline_parallel=2"]),
     "tp2_sp": (2, ["tensor_parallel=2", "sequence_parallel=true"]),
     "pp2_recompute": (2, ["pipeline_parallel=2", "model.activation_recompute=full"]),
+    "tp2_sp_recompute": (2, ["tensor_parallel=2", "sequence_parallel=true",
+                             "model.activation_recompute=full"]),
+    "pp2_vp2_recompute": (2, ["pipeline_parallel=2", "virtual_pipeline_parallel=2",
+                              "model.activation_recompute=full"]),
     "tp2_pp2": (4, ["tensor_parallel=2", "pipeline_parallel=2"]),
     "tp2_pp2_sp": (4, ["tensor_parallel=2", "pipeline_parallel=2", "sequence_parallel=true"]),
 }
@@ -48,11 +56,13 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 def micro_batches(mixes, seq: int = 16, vocab: int = 96, seed: int = 5):
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for labels in mixes:
+    for k, labels in enumerate(mixes):
         rows = torch.randint(0, vocab, (len(labels), seq + 1), generator=gen)
         routing = torch.tensor(labels).unsqueeze(1).expand(len(labels), seq).contiguous()
         out.append({"tokens": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous(),
-                    "routing_labels": routing, "applied_label": routing.clone()})
+                    "routing_labels": routing, "applied_label": routing.clone(),
+                    # Places in a data order (they key the dropout masks), out of sequence.
+                    "sample_position": torch.arange(len(labels)) * 7 + 100 * k})
     return out
 
 
@@ -160,3 +170,40 @@ def _full_state_once(family):
         ps.destroy_model_parallel()
     init_parallel(1, seed=0)  # a TP=1 group to build the reference weights in
     return full_state(family)
+
+
+def initial_params(rank, world, layouts, families):
+    """Every (layout, family): this rank's freshly built parameters in the TP=1 layout, by
+    global name (gathered over TP; the last stage's tied copy as ``copy:`` + its name)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_sgtm.init import global_names
+    from megatron_sgtm.model import build_model_chunks
+    from megatron_sgtm.parallel import init_parallel
+    from tp_utils import unshard
+
+    out = {}
+    for layout in layouts:
+        for family in families:
+            cfg = experiment(family, layout, "sgtm")
+            if ps.model_parallel_is_initialized():
+                ps.destroy_model_parallel()
+            init_parallel(cfg.tensor_parallel, cfg.train.seed,
+                          pipeline_parallel=cfg.pipeline_parallel,
+                          virtual_pipeline_parallel=cfg.virtual_pipeline_parallel)
+            tp = cfg.tensor_parallel
+            params = {}
+            for chunk in build_model_chunks(cfg.core, seed=cfg.train.seed):
+                names = global_names(chunk)
+                for local, param in chunk.named_parameters():
+                    value = param.detach()
+                    if tp > 1:
+                        parts = [torch.empty_like(value) for _ in range(tp)]
+                        dist.all_gather(parts, value.contiguous(),
+                                        group=ps.get_tensor_model_parallel_group())
+                        value = unshard(names[local], parts, cfg.model.activation == "swiglu")
+                    key = ("copy:" if getattr(param, "shared", False) else "") + names[local]
+                    params[key] = value.clone()
+            out[(layout, family)] = params
+    return out

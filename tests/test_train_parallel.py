@@ -1,5 +1,6 @@
 """Training at DP=2, TP=2 and DP x TP = 2 x 2 equals single-process training with the same
-global batch; the loss falls on real text; DeepSpeed ZeRO-1/2 match the default engine."""
+global batch; the loss falls on real text; DeepSpeed ZeRO-1/2 match the default engine, also
+with full activation recompute."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,8 @@ from megatron_sgtm.data.testing import write_sample_shards
 STEPS = 10
 # Global batch 16 of micro-batches of 4: two accumulated micro-batches per step at DP=2.
 ACCUM = ["train.global_batch_size=16"]
+# Keyed hidden dropout (megatron_sgtm/dropout.py); attention dropout is the kernel's own draw.
+DROPOUT = ["model.dropout=0.2", "model.attention_dropout=0"]
 METHODS = ["none", "gradient_routing", "activation_masking", "weak_filter", "strict_filter",
            "slung", "conditional"]
 
@@ -30,16 +33,20 @@ def runs(shards, tmp_path_factory):
     methods = [(m, 3, [f"data.method={m}"]) for m in METHODS]
     methods.append(("slung_unlikelihood", 3, ["data.method=slung", "data.slung_mode=unlikelihood"]))
     results = run_distributed(train_variants, 1, shards, str(root),
-                              [("single", STEPS, []), ("single_accum", STEPS, ACCUM)] + methods)[0]
+                              [("single", STEPS, []), ("single_accum", STEPS, ACCUM),
+                               ("single_dropout", STEPS, DROPOUT)] + methods)[0]
     (root / "results.json").write_text(json.dumps(results))
     run_distributed(train_variants, 2, shards, str(root), [
         ("dp2", STEPS, []),
         ("dp2_accum", STEPS, ACCUM),
+        ("dp2_dropout", STEPS, DROPOUT),
         ("dp2_accum_no_overlap", STEPS, ACCUM + ["engine.overlap_grad_reduce=false"]),
         ("tp2", STEPS, ["tensor_parallel=2"]),
         ("zero1", STEPS, ["engine.name=deepspeed", "engine.zero_stage=1"]),
         ("zero2", STEPS, ["engine.name=deepspeed", "engine.zero_stage=2"]),
         ("zero2_resumed", STEPS, ["engine.name=deepspeed", "engine.zero_stage=2"], True),
+        ("zero2_recompute", STEPS, ["engine.name=deepspeed", "engine.zero_stage=2",
+                                    "model.activation_recompute=full"]),
     ])
     run_distributed(train_variants, 4, shards, str(root), [("dp2tp2", STEPS, ["tensor_parallel=2"])])
     return root
@@ -51,6 +58,14 @@ def test_parallel_layouts_match_single_process(runs, name):
     single, other = losses(runs / "single"), losses(runs / name)
     assert len(single) == len(other) == STEPS
     assert other == pytest.approx(single, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_dropout_masks_do_not_depend_on_the_data_parallel_size(runs):
+    # Each sequence's mask is keyed by its place in the global data order, not by its rank.
+    single, other = losses(runs / "single_dropout"), losses(runs / "dp2_dropout")
+    assert len(other) == STEPS and other == pytest.approx(single, rel=1e-5)
+    assert single != losses(runs / "single")  # dropout is on
 
 
 @pytest.mark.slow
@@ -103,6 +118,12 @@ def test_slung_masks_the_loss_of_flagged_tokens(runs):
     # same batch) is the no-filter loss with those tokens' terms removed.
     first = {m: losses(runs / m)[0] for m in ("none", "slung")}
     assert first["slung"] < 0.9 * first["none"]
+
+
+@pytest.mark.slow
+def test_deepspeed_with_full_recompute_is_bitwise_equal(runs):
+    # The recomputed forward runs inside DeepSpeed's backward, under the micro-batch's routing.
+    assert losses(runs / "zero2_recompute") == losses(runs / "zero2")
 
 
 @pytest.mark.slow

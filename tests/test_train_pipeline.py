@@ -1,7 +1,8 @@
 """Model-parallel layouts equal one process: pipeline parallelism (1F1B and interleaved
 virtual stages), sequence parallelism inside the engine, TP x PP, and full activation
-recompute (bitwise), each over one step of six micro-batches with different label mixes;
-and the per-slice isolation of forget tokens under PP, SP and recompute."""
+recompute (bitwise, alone, with TP 2 + SP and with PP 2 x VP 2), each over one step of six
+micro-batches with different label mixes; and the per-slice isolation of forget tokens under
+PP, SP and recompute."""
 from __future__ import annotations
 
 import pytest
@@ -84,7 +85,25 @@ def test_pipeline_with_recompute_equals_single_process(results):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["pp2", "pp2_vp2", "tp2_sp", "tp2_pp2_sp", "tp1_recompute"])
+@pytest.mark.parametrize("layout,base", [("tp2_sp_recompute", "tp2_sp"),
+                                         ("pp2_vp2_recompute", "pp2_vp2")])
+def test_full_recompute_with_sp_and_interleaving_is_bitwise_equal(results, layout, base):
+    """Recompute changes no arithmetic of the layout it runs in (the recomputed forward
+    re-gathers the same sequence-parallel slices, re-enters the same micro-batch's routing
+    under the interleaved schedule's reordered backwards), and equals one process."""
+    for family, method, mixes in KEYS:
+        what = f"{layout} {family} {method} {mixes}"
+        ref = results[(base, family, method, mixes)]
+        _compare(results[(layout, family, method, mixes)], {"loss": ref["loss"], "grads": {
+            k: v for k, v in ref["grads"].items() if not k.startswith("copy:")}},
+            exact=True, what=what)
+        _compare(results[(layout, family, method, mixes)], results[("tp1", family, method, mixes)],
+                 exact=False, what=what)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pp2", "pp2_vp2", "tp2_sp", "tp2_pp2_sp", "tp1_recompute",
+                                    "tp2_sp_recompute", "pp2_vp2_recompute"])
 def test_forget_tokens_leave_retain_slices_at_zero(results, layout):
     """A step of forget-only micro-batches: every retain slice of every block gets exactly 0,
     every forget slice learns."""

@@ -144,15 +144,21 @@ class TrainBatches:
 
     def batch_at(self, consumed: int) -> dict:
         """This rank's micro-batch for the micro-step that starts at global position ``consumed``."""
-        samples = self.global_samples(consumed + self.dp_rank * self.mbs, self.mbs)
+        start = consumed + self.dp_rank * self.mbs
+        samples = self.global_samples(start, self.mbs)
         # Sequences ordered by routing label (forget, retain, unlabeled), so each label is one
         # contiguous range of the batch dimension for the per-sequence masking path
         # (seq_masking.py). The order inside a micro-batch changes no result: the loss is a
         # mean over its tokens and attention stays inside a sequence.
-        samples = samples[np.argsort(-self.index.routing_label[samples], kind="stable")]
+        order = np.argsort(-self.index.routing_label[samples], kind="stable")
+        samples = samples[order]
         rows = _gather(self.split, self.index, samples)
-        return _to_batch(rows, self.index.routing_label[samples],
-                         self.index.sample_label[samples], self.index.sample_truth[samples])
+        batch = _to_batch(rows, self.index.routing_label[samples],
+                          self.index.sample_label[samples], self.index.sample_truth[samples])
+        # Each sequence's global position in the data order: keys its dropout masks, the same
+        # at every DP size (megatron_sgtm/dropout.py).
+        batch["sample_position"] = torch.from_numpy(np.arange(start, start + self.mbs)[order])
+        return batch
 
     def __iter__(self) -> Iterator[dict]:
         while True:

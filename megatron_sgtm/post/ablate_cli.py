@@ -32,6 +32,7 @@ def _main(args) -> int:
     from .eval_export import find_tokenizer
     from .export_hf import export_hf
     from .hf_import import write_record
+    from .hf_tokenizer import tokenizer_note
     from .layout import gather_full_params, load_full_params
 
     tp = start(args.tp)
@@ -74,6 +75,8 @@ def _main(args) -> int:
         if dist.is_initialized():
             dist.barrier()
         say(f"ablate: Hugging Face model written to {args.out}")
+        if tokenizer is not None:
+            say(f"ablate: {tokenizer_note(args.out)}")
         return 0
     ckpt_io.save(args.out, out_model, out_core, meta,
                  {"ablated": True, "pruned": bool(args.prune), "source": str(args.checkpoint)})

@@ -19,6 +19,24 @@ has no normalizer), while ours is rebuilt from the sentencepiece model's own set
   the special token, as sentencepiece does.
 
 No BOS is added (the run never used one); ``<eod>`` is the EOS and ``<pad>`` the pad token.
+
+Where the two libraries cannot agree, the export says so: ``tokenizer_exactness.json`` names
+each case (``inexact_cases``). Two are known:
+
+- **float32 path sums** (unigram). sentencepiece's Viterbi adds piece scores along the whole
+  text in float32; the tokenizers library adds them in float64. Two segmentations whose sums
+  lie within float32 rounding of each other, rounding that grows with the position in the
+  text (2**-11 at a sum of 2**13, about a thousand tokens in), are ranked differently, e.g.
+  ``por lo tanto,`` as ``▁t an to`` against ``▁ ta nt o`` deep in a long document. ``sgtm prep``
+  therefore keeps unigram scores on a grid of ``SCORE_QUANTUM`` (``exact_scores``): every sum
+  of grid scores up to ``EXACT_SUM_LIMIT`` is exact in float32 as in float64, so both find the
+  same best sum and break ties alike (the earliest-starting last piece). Models off the grid
+  (trained elsewhere) keep the case, and so do texts whose best path passes the limit.
+- **grapheme clusters** (a precompiled normalization rule, nmt_nfkc by default).
+  transformers' ``Precompiled`` normalizer looks each grapheme cluster up as a whole and
+  replaces it by the longest rule matching its start, dropping the rest of the cluster;
+  sentencepiece matches from every position. ``″̶`` (U+2033 U+0336) becomes ``′′`` there and
+  ``′′̶`` in sentencepiece. Clusters of 6 bytes or more are normalized character by character.
 """
 from __future__ import annotations
 
@@ -33,6 +51,11 @@ from typing import Iterable, Optional
 # sentencepiece ModelProto.SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 UNIGRAM, BPE = 1, 2
+# Unigram piece scores (log-probabilities, in nats) on multiples of this: a float32 sum of
+# them is exact while it stays within EXACT_SUM_LIMIT, about 50k tokens of ordinary text.
+SCORE_QUANTUM = 2.0 ** -5
+EXACT_SUM_LIMIT = 2.0 ** 24 * SCORE_QUANTUM
+EXACTNESS_FILE = "tokenizer_exactness.json"
 
 # Texts every export is checked on: whitespace runs, newlines and tabs, full-width and
 # compatibility characters (normalizer), characters outside the vocabulary (byte fallback),
@@ -74,6 +97,65 @@ def special_ids(model_path: Path) -> SpecialIds:
         raise TokenizerExportError(f"{model_path}: has no end-of-document (eos) piece")
     return SpecialIds(spec.eos_id, spec.pad_id if spec.pad_id >= 0 else None, spec.unk_id,
                       len(proto.pieces))
+
+
+def exact_scores(model_bytes: bytes) -> bytes:
+    """The model with every normal unigram piece's score rounded to the ``SCORE_QUANTUM`` grid
+    (at most 1/64 nat away; BPE models, whose scores rank merges, are returned as they are)."""
+    proto = _proto(model_bytes)
+    if proto.trainer_spec.model_type != UNIGRAM:
+        return model_bytes
+    for piece in proto.pieces:
+        if piece.type == NORMAL:
+            piece.score = round(piece.score / SCORE_QUANTUM) * SCORE_QUANTUM
+    return proto.SerializeToString()
+
+
+def scores_on_grid(proto) -> bool:
+    """A unigram model whose normal pieces' scores are all multiples of ``SCORE_QUANTUM``."""
+    return proto.trainer_spec.model_type == UNIGRAM and all(
+        p.score / SCORE_QUANTUM == round(p.score / SCORE_QUANTUM)
+        for p in proto.pieces if p.type == NORMAL)
+
+
+def inexact_cases(proto) -> list[dict]:
+    """The inputs on which the export may encode differently from sentencepiece, and why."""
+    cases = []
+    pieces = list(proto.pieces)
+    if proto.trainer_spec.model_type == UNIGRAM:
+        normal = [p.score for p in pieces if p.type == NORMAL]
+        if not scores_on_grid(proto):
+            cases.append({
+                "case": "float32 path sums",
+                "where": "a word with two segmentations whose score sums are within float32 "
+                         "rounding at its position in the text; most often deep in long "
+                         "documents (seen: 'por lo tanto,' as '▁t an to' vs '▁ ta nt o')",
+                "why": "sentencepiece sums piece scores in float32, transformers in float64; "
+                       "these scores are off the 2**-5 grid `sgtm prep` trains on"})
+        else:
+            typical = sorted(-x for x in normal)[len(normal) // 2] if normal else 1.0
+            cases.append({
+                "case": "float32 path sums beyond the exact range",
+                "where": f"a text whose best segmentation's score sum passes "
+                         f"{EXACT_SUM_LIMIT:.0f} in magnitude (about "
+                         f"{int(EXACT_SUM_LIMIT / max(typical, 1e-9)):,} tokens)",
+                "why": "float32 holds every multiple of the score grid only up to there"})
+        if any(p.type == USER_DEFINED for p in pieces):
+            cases.append({
+                "case": "user-defined pieces",
+                "where": "text containing a user-defined piece",
+                "why": "sentencepiece scores them as byte length x the best score - 0.1; the "
+                       "export keeps their stored scores"})
+    if proto.normalizer_spec.precompiled_charsmap:
+        cases.append({
+            "case": "grapheme clusters",
+            "where": "a grapheme cluster whose first characters the normalization rule "
+                     "rewrites and which goes on past them (e.g. U+2033 U+0336), or one of 6 "
+                     "bytes or more that a rule spanning characters would rewrite",
+            "why": "transformers' Precompiled normalizer rewrites whole grapheme clusters by "
+                   "the longest rule matching their start; sentencepiece matches at every "
+                   "position"})
+    return cases
 
 
 def _normalizer(proto):
@@ -194,6 +276,10 @@ def write_hf_tokenizer(model_path: Path, out_dir: Path, model_max_length: int) -
     _write_json(out_dir / "tokenizer_config.json", config)
     _write_json(out_dir / "special_tokens_map.json",
                 {k: config[k] for k in ("eos_token", "pad_token", "unk_token")})
+    cases = inexact_cases(proto)
+    _write_json(out_dir / EXACTNESS_FILE, {
+        "exact": not cases, "score_grid": SCORE_QUANTUM if scores_on_grid(proto) else None,
+        "inexact_cases": cases})
     mismatches = compare(out_dir, model_path, PROBES)
     if mismatches:
         raise TokenizerExportError(f"the exported tokenizer encodes {len(mismatches)} check "
@@ -201,19 +287,33 @@ def write_hf_tokenizer(model_path: Path, out_dir: Path, model_max_length: int) -
     return ids
 
 
+def tokenizer_note(hf_dir: Path) -> str:
+    """One line on what the export's tokenizer encodes exactly (from ``EXACTNESS_FILE``)."""
+    record = json.loads((Path(hf_dir) / EXACTNESS_FILE).read_text(encoding="utf-8"))
+    if record["exact"]:
+        return "the tokenizer encodes every text to the run's sentencepiece ids"
+    names = "; ".join(c["case"] for c in record["inexact_cases"])
+    return (f"the tokenizer encodes to the run's sentencepiece ids except in the cases "
+            f"{EXACTNESS_FILE} names: {names}")
+
+
 def compare(hf_dir: Path, model_path: Path, texts: Iterable[str]) -> list[dict]:
     """Texts whose ids, or decoded text (for ids without ``<unk>``), differ between
-    AutoTokenizer(hf_dir) and sentencepiece."""
+    AutoTokenizer(hf_dir) and sentencepiece; an id difference names its ``case``: "grapheme
+    clusters" when the two normalizers' outputs differ, else "path sums"."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     hf = AutoTokenizer.from_pretrained(str(hf_dir))
+    normalizer = hf.backend_tokenizer.normalizer
     out = []
     for text in texts:
         want, got = sp.encode(text), hf(text)["input_ids"]
         if want != got:
-            out.append({"text": text, "sentencepiece": want, "hf": got})
+            same = normalizer is None or normalizer.normalize_str(text) == sp.normalize(text)
+            out.append({"text": text, "sentencepiece": want, "hf": got,
+                        "case": "path sums" if same else "grapheme clusters"})
         elif sp.unk_id() not in want and \
                 sp.decode(want) != hf.decode(got, skip_special_tokens=True):
             # (An unknown piece, possible only without byte fallback, is " ⁇ " to

@@ -71,10 +71,12 @@ def core_config(size, vocab: int, seq: int, entry=None):
         routing=routing)
 
 
-def batch_of(rows: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:
+def batch_of(rows: np.ndarray, labels: Optional[np.ndarray] = None,
+             positions: Optional[np.ndarray] = None) -> dict:
     """Packed ``[b, seq+1]`` rows -> a batch the post tools, the model and the trainer's
     ``InputBuilder`` accept; ``labels`` (one per row) become the per-token routing and applied
-    labels, which stay on the host: the routing context builds its index sets there."""
+    labels, which stay on the host: the routing context builds its index sets there.
+    ``positions``: each row's place in the run's data order (keys dropout masks)."""
     import torch
 
     from ..transfer import compute_device, to_device
@@ -85,6 +87,8 @@ def batch_of(rows: np.ndarray, labels: Optional[np.ndarray] = None) -> dict:
         lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         per_token = lab.unsqueeze(1).expand(-1, out["tokens"].shape[1]).contiguous()
         out["routing_labels"] = out["applied_label"] = per_token
+    if positions is not None:
+        out["sample_position"] = torch.from_numpy(np.asarray(positions, dtype=np.int64))
     return out
 
 
@@ -163,7 +167,8 @@ def train_run(model, packed, train, total_tokens: int, seed: int, curve_sets: di
         # Past the end of the data, mode="wrap" starts the next epoch in the same order.
         labels = packed.labels[idx]
         micro = cfg.train.micro_batch_size
-        batches = [batch_of(packed.tokens[idx[i:i + micro]], labels[i:i + micro])
+        batches = [batch_of(packed.tokens[idx[i:i + micro]], labels[i:i + micro],
+                            np.arange(step * bsz + i, step * bsz + i + micro))
                    for i in range(0, bsz, micro)]
         window.append(accumulate_grads(engine, builder, batches, builder.device))
         engine.step(lr_at(step, cfg.train))

@@ -110,7 +110,8 @@ def _load_model(spec: StudySpec, ctx: Context, run: RunSpec, path: Optional[Path
 
     size = size_by_name(spec, run.size)
     core = core_config(size, ctx.vocab, spec.train.seq_length, entry_of(spec, run))
-    model = build_model(core)
+    # A fresh model starts from the run's seed (the same initial weights at every layout).
+    model = build_model(core, seed=run.seed)
     if path is not None:
         state = torch.load(path, weights_only=True, map_location="cpu")
         res = model.load_state_dict(state, strict=False)

@@ -25,6 +25,8 @@ class ModelInputs:
     position_ids: torch.Tensor
     routing_labels: Optional[torch.Tensor]  # host tensor, or None when nothing is routed
     slung_flags: Optional[torch.Tensor] = None
+    # Each sequence's global position in the data order (keys the dropout masks), or None.
+    sample_positions: Optional[torch.Tensor] = None
 
 
 class InputBuilder:
@@ -61,7 +63,8 @@ class InputBuilder:
             targets=to_device(targets.contiguous(), self.device),
             position_ids=self._position_ids(b, s),
             routing_labels=labels,
-            slung_flags=None if flags is None else to_device(flags, self.device))
+            slung_flags=None if flags is None else to_device(flags, self.device),
+            sample_positions=batch.get("sample_position"))
 
     def loss(self, token_loss: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
         """Mean over the micro-batch's positions.

@@ -87,7 +87,7 @@ def train(cfg: ExperimentConfig, guard: Optional[RunGuard] = None) -> TrainResul
     from ..model import build_model_chunks
 
     check_device(cfg, device.type == "cuda")
-    chunks = build_model_chunks(cfg.core)
+    chunks = build_model_chunks(cfg.core, seed=cfg.train.seed)
     compiled = any([compile_model(chunk, cfg.train, device) for chunk in chunks])
     engine = build_engine(chunks, cfg)
     model = engine.model

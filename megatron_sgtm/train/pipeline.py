@@ -12,6 +12,9 @@ forward runs inside its own routing (entered in ``forward_step``), and the maski
 capture at forward time what their backward needs, so a backward that runs after later
 micro-batches' forwards (1F1B, interleaved) still masks with its own labels.
 
+Dropout keys: each micro-batch's forward also runs with its sequences' global positions in
+the data order (``dropout.keyed``), from which hidden-dropout masks are drawn.
+
 Loss convention (as megatron's): every micro-batch contributes the mean over its positions
 divided by the number of micro-batches; the loss value lives on the last stage only.
 """
@@ -24,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state as ps
 
+from ..dropout import keyed
 from ..routing import route
 from .batches import InputBuilder, ModelInputs
 
@@ -36,7 +40,8 @@ def sequence_shard(sequence_parallel: bool) -> Optional[tuple[int, int]]:
 
 
 def _forward(model, inputs: ModelInputs, device, shard):
-    with route(inputs.routing_labels, device=device, sequence_shard=shard):
+    with route(inputs.routing_labels, device=device, sequence_shard=shard), \
+            keyed(inputs.sample_positions, inputs.tokens.shape[1], shard):
         return model(inputs.tokens, inputs.position_ids, None, labels=inputs.targets)
 
 
