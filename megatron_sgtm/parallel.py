@@ -15,6 +15,14 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a tensor must be for a collective on ``group``: the current GPU under NCCL,
+    the host under gloo."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_parallel(tensor_parallel: int, seed: int, backend: str | None = None,
                   pipeline_parallel: int = 1,
                   virtual_pipeline_parallel: int | None = None) -> None:

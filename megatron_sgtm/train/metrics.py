@@ -43,9 +43,16 @@ class LabelCounters:
         """Counts summed over data-parallel ranks (a collective: every DP rank calls it)."""
         import torch.distributed as dist
 
+        from ..parallel import collective_device
+
         flat = torch.cat([self.applied, self.confusion.reshape(-1)])
         if dist.is_initialized() and group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(flat, group=group)
+            # The counts live on the host (no device sync per step); NCCL reduces only device
+            # tensors, so they visit the GPU for the sum, at log time only.
+            device = collective_device(group)
+            summed = flat.to(device)
+            dist.all_reduce(summed, group=group)
+            flat = summed.cpu()
         applied, confusion = flat[:3].tolist(), flat[3:].view(3, 3).tolist()
         out = {f"tokens/{LABEL_NAMES[i]}": applied[i] for i in range(3)}
         for t in range(3):
