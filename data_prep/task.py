@@ -26,6 +26,7 @@ from data_prep.indexed import IndexedWriter
 from data_prep.plan import ShardSpec
 from data_prep.recipe import Recipe
 from data_prep.sample import GlobalState
+from megatron_sgtm.data.facts import TokenScan
 
 _encoders: dict = {}
 
@@ -68,7 +69,7 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
     paragraphs = recipe.classifier.granularity == "paragraph"
     heldout, seed = state.ordinals("heldout", spec.index), state.ordinals("seed", spec.index)
     encoder = encoder_for(recipe, out, state)
-    counts, digest = DocCounts(), hashlib.sha256()
+    counts, digest, token_range = DocCounts(), hashlib.sha256(), TokenScan()
     arrays: dict[str, list[np.ndarray]] = {k: [] for k in shards.DOC_ARRAYS}
     n_docs = n_tokens = n_heldout = text_bytes = ordinal = 0
     try:
@@ -88,6 +89,7 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
                     text_bytes += sum(len(d.text.encode("utf-8")) for d in chunk)
                     enc = encoder.encode(chunk, paragraphs)
                     writer.add(enc.tokens, enc.doc_lengths)
+                    token_range.update(enc.tokens)
                     arrays["truth"].append(enc.doc_truth)
                     arrays["scores"].append(enc.doc_scores)
                     arrays["seed"].append(_member(seed, ords[~test]).astype(np.uint8))
@@ -122,7 +124,8 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
         raise
     marker = {"shard": spec.index, "prefix": prefix, "input_sha256": digest.hexdigest(),
               "num_docs": n_docs, "num_tokens": n_tokens, "heldout_docs": n_heldout,
-              "text_bytes": text_bytes, "counts": counts.to_dict(), "files": files}
+              "text_bytes": text_bytes, "counts": counts.to_dict(), "files": files,
+              "facts": token_range.facts()}
     try:
         shards.write_json_atomic(shards.marker_path(out, spec.index), marker)
     except OSError as e:
