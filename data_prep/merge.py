@@ -23,6 +23,7 @@ from data_prep import shards
 from data_prep.errors import PrepError
 from data_prep.indexed import merge
 from data_prep.manifest import dumps, load_manifest
+from data_prep.reduce import heldout_entry
 from megatron_sgtm.data import facts
 
 
@@ -89,6 +90,9 @@ def merge_directory(src: str | Path, out: str | Path, shards_per_file: int) -> d
         merged["tokens_sha256"]["train"] = facts.combined_sha256(new_entries, "tokens")
         merged["label_sidecar_sha256"]["train"] = facts.combined_sha256(new_entries, "labels")
         merged["merged_from"] = str(src.resolve())
+        for name, split in merged["splits"].items():
+            if name != "train" and not split.get("facts"):  # copied from an older prep
+                split.update(heldout_entry(out, name, manifest["token_dtype"]))
         (tmp / "manifest.json").write_text(dumps(merged), encoding="utf-8")
         shards.place(tmp, out, ["manifest.json"])
     return merged

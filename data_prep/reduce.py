@@ -163,7 +163,7 @@ def write_train_labels(out: Path, prefixes: list[str], u: Units,
             names = shards.label_files(prefix)
             out_records[prefix] = ({n: shards.file_record(tmp, n) for n in names},
                                    facts.label_facts(runs, int(doc_len.sum()),
-                                                     shards.doc_offsets(doc_len), doc_len))
+                                                     facts.doc_offsets(doc_len), doc_len))
             shards.place(tmp, out, names)
     return out_records
 

@@ -75,16 +75,12 @@ def label_files(prefix: str) -> list[str]:
     return indexed_files(prefix, "labels") + [facts.runs_name(prefix)]
 
 
-def doc_offsets(lengths: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-
-
 def scan_facts(directory: Path, prefix: str, token_dtype) -> tuple[dict, np.ndarray]:
     """(facts, label runs) of a prefix on disk, by reading all of its tokens and labels."""
     lengths = doc_lengths(directory, prefix)
     tokens = np.memmap(Path(directory) / f"{prefix}_tokens.bin", dtype=np.dtype(token_dtype), mode="r")
     labels = np.memmap(Path(directory) / f"{prefix}_labels.bin", dtype=np.uint8, mode="r")
-    return facts.scan_prefix(tokens, labels, doc_offsets(lengths), lengths)
+    return facts.scan_prefix(tokens, labels, facts.doc_offsets(lengths), lengths)
 
 
 def save_array(directory: Path, prefix: str, kind: str, arr: np.ndarray) -> str:

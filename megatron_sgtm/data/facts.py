@@ -43,6 +43,12 @@ def runs_name(prefix: str) -> str:
     return f"{prefix}_{RUNS_KIND}.npy"
 
 
+def doc_offsets(lengths: np.ndarray) -> np.ndarray:
+    """Token offset of every document in the flat stream."""
+    lengths = np.asarray(lengths, np.int64)
+    return np.cumsum(lengths) - lengths
+
+
 class TokenScan:
     """Running min and max of token ids."""
 
@@ -225,6 +231,6 @@ def read_spans(path: Path, spans: list[tuple[int, int]]) -> list[bytes]:
 
 
 __all__ = ["BLOCK", "RUNS_KIND", "RunScan", "TokenScan", "check_runs", "combined_sha256",
-           "doc_label_range",
+           "doc_label_range", "doc_offsets",
            "label_facts", "label_runs", "merge_facts", "merge_runs", "read_spans",
            "run_labels_at", "runs_name", "sample_spans", "scan", "scan_prefix"]

@@ -79,12 +79,11 @@ def record_facts(directory: Path, prefix: str, lengths: np.ndarray, dtype) -> di
     """The facts and file records prep keeps for a prefix, by a full scan (and its run file)."""
     from data_prep.shards import file_record
 
-    from .facts import runs_name, scan_prefix
+    from .facts import doc_offsets, runs_name, scan_prefix
 
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    tokens = np.memmap(directory / f"{prefix}_tokens.bin", mode="r", dtype=dtype)
-    labels = np.memmap(directory / f"{prefix}_labels.bin", mode="r", dtype=np.uint8)
-    facts, runs = scan_prefix(tokens, labels, offsets, np.asarray(lengths, np.int64))
+    tokens = np.fromfile(directory / f"{prefix}_tokens.bin", dtype=dtype)
+    labels = np.fromfile(directory / f"{prefix}_labels.bin", dtype=np.uint8)
+    facts, runs = scan_prefix(tokens, labels, doc_offsets(lengths), np.asarray(lengths, np.int64))
     np.save(directory / runs_name(prefix), runs, allow_pickle=False)
     names = [f"{prefix}_{kind}.{ext}" for kind in ("tokens", "labels") for ext in ("bin", "idx")]
     names += [f"{prefix}_truth.npy", f"{prefix}_scores.npy", runs_name(prefix)]
