@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from data_prep import shards as prep_shards
-from data_prep.cli import main as prep_main
 from data_prep.merge import merge_directory
 from data_prep.relabel import relabel
 from megatron_sgtm import cli as sgtm_cli
@@ -19,19 +18,14 @@ from megatron_sgtm.data import DataError, TrainBatches, facts, open_split
 from megatron_sgtm.data.shards import split_prefixes
 from megatron_sgtm.data.testing import write_test_shards
 from megatron_sgtm.process_io import ReadMeter, evict, read_bytes
-from prep_corpus import RECIPE_OVERRIDES, write_corpus
+from prep_corpus import prep_small
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs/train/tiny_cpu.yaml")
 
 
 @pytest.fixture(scope="module")
 def prepped(tmp_path_factory):
-    root = tmp_path_factory.mktemp("facts")
-    recipe = write_corpus(root)
-    out = root / "out"
-    assert prep_main(["--recipe", str(recipe), "--out", str(out), "--no-progress", "--workers", "2",
-                      *RECIPE_OVERRIDES]) == 0
-    return out
+    return prep_small(tmp_path_factory.mktemp("facts"))
 
 
 def _copy(src, tmp_path, name="copy"):

@@ -8,19 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from data_prep.cli import main as prep_main
 from megatron_sgtm import cli as sgtm_cli
-from prep_corpus import RECIPE_OVERRIDES, write_corpus
+from prep_corpus import prep_small
 
 
 @pytest.fixture(scope="module")
 def prepped(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify")
-    recipe = write_corpus(root)
-    out = root / "out"
-    assert prep_main(["--recipe", str(recipe), "--out", str(out), "--no-progress", "--workers", "2",
-                      *RECIPE_OVERRIDES]) == 0
-    return out
+    return prep_small(tmp_path_factory.mktemp("verify"))
 
 
 def _copy(src, tmp_path):
