@@ -162,8 +162,8 @@ def write_train_labels(out: Path, prefixes: list[str], u: Units,
             shards.save_array(tmp, prefix, facts.RUNS_KIND, runs)
             names = shards.label_files(prefix)
             out_records[prefix] = ({n: shards.file_record(tmp, n) for n in names},
-                                   facts.label_facts(runs, int(doc_len.sum()),
-                                                     facts.doc_offsets(doc_len), doc_len))
+                                   facts.label_facts(runs, int(doc_len.sum()), facts.doc_label_range(
+                                       runs, facts.doc_offsets(doc_len), doc_len)))
             shards.place(tmp, out, names)
     return out_records
 

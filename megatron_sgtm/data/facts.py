@@ -120,23 +120,29 @@ def check_runs(runs: np.ndarray, n_tokens: int) -> Optional[str]:
     return None
 
 
-def _run_bounds(runs: np.ndarray, doc_offsets: np.ndarray, doc_lengths: np.ndarray):
-    starts = runs[:, 0]
-    first = np.searchsorted(starts, doc_offsets, side="right") - 1
-    last = np.searchsorted(starts, doc_offsets + doc_lengths - 1, side="right") - 1
-    return first, last
-
-
 def doc_label_range(runs: np.ndarray, doc_offsets: np.ndarray,
                     doc_lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(min, max) label of every document (int64), from the runs it overlaps."""
-    first, last = _run_bounds(runs, doc_offsets, doc_lengths)
-    present = np.zeros((len(doc_offsets), NUM_LABELS), bool)
-    for k in range(NUM_LABELS):  # label k occurs in runs first..last of a document
-        count = np.concatenate([[0], np.cumsum(runs[:, 1] == k)])
-        present[:, k] = count[last + 1] - count[first] > 0
-    doc_min = np.argmax(present, axis=1).astype(np.int64)
-    doc_max = (NUM_LABELS - 1 - np.argmax(present[:, ::-1], axis=1)).astype(np.int64)
+    """(min, max) label of every document (int64), from the runs it overlaps: one binary
+    search per run (runs are at most as many as documents, plus the label changes inside
+    them), and a range query only for the documents that span several runs."""
+    starts, values = np.ascontiguousarray(runs[:, 0]), np.ascontiguousarray(runs[:, 1])
+    # A document's first run: the last run starting at or before it. Run j starts at or
+    # before every document from the first one at or after its start on.
+    at = np.searchsorted(doc_offsets, starts, side="left")
+    first = np.cumsum(np.bincount(at, minlength=len(doc_offsets) + 1)[:len(doc_offsets)]) - 1
+    # A document's last run: the next document's first, unless that run starts exactly there.
+    follows = np.append(first[1:], len(runs))
+    own_start = np.append(starts[first[1:]] == doc_offsets[1:], True)
+    last = follows - own_start
+    doc_min, doc_max = values[first].astype(np.int64), values[first].astype(np.int64)
+    several = np.flatnonzero(last > first)
+    if len(several):
+        present = np.zeros((len(several), NUM_LABELS), bool)
+        for k in range(NUM_LABELS):  # label k occurs in runs first..last
+            count = np.concatenate([[0], np.cumsum(values == k)])
+            present[:, k] = count[last[several] + 1] - count[first[several]] > 0
+        doc_min[several] = np.argmax(present, axis=1)
+        doc_max[several] = NUM_LABELS - 1 - np.argmax(present[:, ::-1], axis=1)
     return doc_min, doc_max
 
 
@@ -145,12 +151,12 @@ def run_labels_at(runs: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return runs[np.searchsorted(runs[:, 0], positions, side="right") - 1, 1]
 
 
-def label_facts(runs: np.ndarray, n_tokens: int, doc_offsets: np.ndarray,
-                doc_lengths: np.ndarray) -> dict:
+def label_facts(runs: np.ndarray, n_tokens: int, doc_range: tuple[np.ndarray, np.ndarray]) -> dict:
+    """The label facts of a prefix from its runs and its documents' (min, max) labels."""
     lengths = np.diff(np.append(runs[:, 0], n_tokens))
     counts = [int(lengths[runs[:, 1] == k].sum()) for k in range(NUM_LABELS)]
     present = [k for k in range(NUM_LABELS) if counts[k]]
-    doc_min, doc_max = doc_label_range(runs, doc_offsets, doc_lengths)
+    doc_min, doc_max = doc_range
     return {"label_range": [present[0], present[-1]] if present else None,
             "label_counts": counts, "label_runs": int(len(runs)),
             "mixed_label_docs": int((doc_min != doc_max).sum())}
@@ -187,7 +193,7 @@ def scan_prefix(tokens, labels, doc_offsets: np.ndarray, doc_lengths: np.ndarray
     """(facts, runs) of one prefix by a full scan of its token and label arrays."""
     runs = label_runs(labels)
     facts = scan(tokens, TokenScan()).facts()
-    facts.update(label_facts(runs, len(labels), doc_offsets, doc_lengths))
+    facts.update(label_facts(runs, len(labels), doc_label_range(runs, doc_offsets, doc_lengths)))
     return facts, runs
 
 

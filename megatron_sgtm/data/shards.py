@@ -289,17 +289,16 @@ def load_runs(directory: Path, prefix: str, n_tokens: int) -> np.ndarray:
     return runs
 
 
-def _recorded(directory: Path, prefix: str, ix: PrefixIndex, entry: dict, vocab: int) -> np.ndarray:
-    """Check a prefix against its recorded facts, reading only its run file and a few pages
-    of each .bin (facts.sample_spans)."""
+def _check_recorded(directory: Path, prefix: str, ix: PrefixIndex, entry: dict, vocab: int,
+                    runs: np.ndarray, doc_range: tuple[np.ndarray, np.ndarray]) -> None:
+    """Check a prefix against its recorded facts: the run file (read already) and a few
+    pages of each .bin (facts.sample_spans)."""
     rec = entry["facts"]
-    check_file_sizes(directory, entry)
     tok_bin, lab_bin = ix.tok_prefix.with_suffix(".bin"), ix.lab_prefix.with_suffix(".bin")
     err = vocab_error(tok_bin, rec["token_min"], rec["token_max"], vocab, " (recorded at prep)")
     if err:
         raise err
-    runs = load_runs(directory, prefix, ix.num_tokens)
-    derived = facts.label_facts(runs, ix.num_tokens, ix.offsets, ix.lengths)
+    derived = facts.label_facts(runs, ix.num_tokens, doc_range)
     differ = sorted(k for k, v in derived.items() if rec.get(k) != v)
     if differ:
         raise DataError(f"{directory / facts.runs_name(prefix)}: "
@@ -323,7 +322,6 @@ def _recorded(directory: Path, prefix: str, ix: PrefixIndex, entry: dict, vocab:
         if not np.array_equal(got, want):
             raise DataError(f"{lab_bin}: labels near byte {offset} differ from "
                             f"{directory / facts.runs_name(prefix)} ({VERIFY_HINT})")
-    return runs
 
 
 @dataclass
@@ -372,8 +370,14 @@ def _open_prefix(directory: Path, prefix: str, manifest: dict, expect: Optional[
     ix = open_index(directory, prefix, manifest, expect)
     arrays = open_doc_arrays(directory, prefix, ix)
     recorded = bool(expect and expect.get("facts"))
-    runs = (_recorded(directory, prefix, ix, expect, vocab) if recorded else _scanned(ix, vocab))
+    if recorded:
+        check_file_sizes(directory, expect)
+        runs = load_runs(directory, prefix, ix.num_tokens)
+    else:
+        runs = _scanned(ix, vocab)
     doc_min, doc_max = facts.doc_label_range(runs, ix.offsets, ix.lengths)
+    if recorded:
+        _check_recorded(directory, prefix, ix, expect, vocab, runs, (doc_min, doc_max))
     return _Prefix(ix, runs, doc_max, doc_min, arrays, recorded)
 
 

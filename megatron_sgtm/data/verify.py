@@ -149,7 +149,8 @@ def verify_prefix(directory: Path, prefix: str, entry: Optional[dict], manifest:
         return result
     found = tokens.facts()
     if len(runs) and scan.n == ix.num_tokens:
-        found.update(facts.label_facts(runs, ix.num_tokens, ix.offsets, ix.lengths))
+        found.update(facts.label_facts(runs, ix.num_tokens,
+                                         facts.doc_label_range(runs, ix.offsets, ix.lengths)))
     differ = sorted(k for k in found if recorded.get(k) != found[k])
     if differ:
         result.problems.append(Problem("facts", f"{directory / prefix}: " + ", ".join(
