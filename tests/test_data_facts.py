@@ -218,10 +218,15 @@ def test_a_start_reads_the_index_files_and_a_few_pages(tmp_path):
     packing_headers = len(list(d.rglob(".packing_cache/*/*.npy"))) * 64 * 1024  # first read of each
     evict([d])
     meter = ReadMeter()
-    split = open_split(d, "train")
-    TrainBatches(split, 64, 8, 0, 1, 0, "sgtm")
+    batches = TrainBatches(open_split(d, "train"), 64, 8, 0, 1, 0, "sgtm")
     assert meter.bytes <= small + pages + packing_headers, (meter.bytes, small, pages)
     assert meter.bytes < bins / 20 and bins > 16e6
+    # A step reads the pages of its own sequences (8 of 65 tokens, each in at most two
+    # documents) and packing entries, not the readahead window around each (MBs here).
+    evict([d])
+    meter = ReadMeter()
+    batches.batch_at(0)
+    assert meter.bytes <= 8 * 2 * 2 * 2 * facts.PAGE + 7 * 8 * 2 * facts.PAGE, meter.bytes
     _strip_facts(d)
     evict([d])
     meter = ReadMeter()

@@ -26,6 +26,7 @@ The scanners take blocks in order, so one read of a file can feed its sha256 and
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from pathlib import Path
 from typing import Iterable, Optional
@@ -236,7 +237,16 @@ def read_spans(path: Path, spans: list[tuple[int, int]]) -> list[bytes]:
         os.close(fd)
 
 
-__all__ = ["BLOCK", "RUNS_KIND", "RunScan", "TokenScan", "check_runs", "combined_sha256",
+def advise_random(array) -> None:
+    """Readahead off for a memory map read at scattered positions (np.memmap, or a
+    FlatConcat of them): a page fault reads its page, not the device's readahead window."""
+    for part in getattr(array, "parts", [array]):
+        mapped = getattr(part, "_mmap", None)  # np.memmap's mmap object
+        if mapped is not None and hasattr(mmap, "MADV_RANDOM"):
+            mapped.madvise(mmap.MADV_RANDOM)
+
+
+__all__ = ["BLOCK", "RUNS_KIND", "advise_random", "RunScan", "TokenScan", "check_runs", "combined_sha256",
            "doc_label_range", "doc_offsets",
            "label_facts", "label_runs", "merge_facts", "merge_runs", "read_spans",
            "run_labels_at", "runs_name", "sample_spans", "scan", "scan_prefix"]

@@ -29,6 +29,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .facts import advise_random
+
 CACHE_VERSION = 2
 _ARRAYS = ("sample_label", "routing_label", "sample_truth", "piece_ptr", "piece_doc",
            "piece_start", "piece_stop")
@@ -151,6 +153,8 @@ def _load_cached(path: Path) -> PackedIndex:
     reads just the entries of its own samples (a restart's cost does not grow with the data)."""
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
               for name in (*_ARRAYS, "meta")}
+    for name in _ARRAYS:  # a step reads a few entries of each, at its samples
+        advise_random(arrays[name])
     meta = np.asarray(arrays.pop("meta"))
     index = PackedIndex(int(meta[0]), dropped_docs=int(meta[1]), **arrays)
     n, pieces = index.num_samples, len(index.piece_doc)

@@ -182,6 +182,15 @@ class ShardSplit:
             truth = votes.argmax(axis=1)
         return doc, start, length, label, truth
 
+    def expect_random_reads(self) -> None:
+        """Tell the kernel that the token and label maps are read at scattered positions (the
+        training batches): a page fault then reads that page, not the device's readahead
+        window. With an 8 MiB window (``read_ahead_kb``), a micro-batch of 8 sequences at
+        random places otherwise reads about 8 MiB per sequence and file from a cold cache.
+        Sequential readers (held-out batches, the post commands) keep the default."""
+        facts.advise_random(self.tokens)
+        facts.advise_random(self.labels)
+
     def scan_note(self) -> Optional[str]:
         """What opening cost because facts were missing, or None."""
         if not self.unrecorded:
