@@ -19,6 +19,8 @@ model at sequence length 1024, no checkpoint, no evaluation) is launched and eac
 before the ranks and warm the cache for them, so its reads are measured apart, in this
 process, after another eviction; ``cold rank bound`` = preflight + every rank's reads, the
 union of what the node read, which bounds what any one rank reads on a node of its own.
+``1-step job`` is everything the `sgtm train` process tree read until it exited (the
+measure of "a 1-step run read N MB": start, the step's own reads, exit).
 
 Targets: cold rank bound <= 1% of the shard bytes plus the index-sized files (.idx, the
 per-document .npy, the manifest); time to the first step at the largest size within 1.2x of
@@ -113,15 +115,22 @@ def overrides(data: Path, run_dir: Path) -> list[str]:
 
 
 def train_once(data: Path, run_dir: Path, nproc: int) -> dict:
-    """`sgtm train`, 1 step; returns the ranks' start-up record and the seconds from the launch
-    to the first step."""
+    """`sgtm train`, 1 step: the ranks' start-up record, the seconds from the launch to the
+    first step, and what the whole job read (launcher and ranks, start to exit: the
+    ``ru_inblock`` of the finished process tree)."""
     shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "megatron_sgtm.cli", "train", "--config", str(TINY), "--nproc",
+           str(nproc), *overrides(data, run_dir)]
     t0 = time.time()
-    run([sys.executable, "-m", "megatron_sgtm.cli", "train", "--config", str(TINY), "--nproc",
-         str(nproc), *overrides(data, run_dir)], env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        sys.exit(f"failed ({status}): {' '.join(cmd)}\n{err[-3000:]}")
     record = json.loads((run_dir / "startup.jsonl").read_text().splitlines()[-1])
     return {"first_step_s": record["time"] - t0, "rank_read_bytes": record["read_bytes"],
-            "rank_seconds": record["seconds"]}
+            "rank_seconds": record["seconds"], "job_read_bytes": usage.ru_inblock * 512}
 
 
 def preflight_cold(data: Path, nproc: int) -> dict:
@@ -187,13 +196,14 @@ def main() -> int:
         if not a.keep and not a.source and not a.work:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n{'shards':>8} {'ranks':>5} {'bin MB':>9} {'index MB':>9} {'preflight MB':>12} "
-          f"{'per rank MB':>14} {'cold bound MB':>13} {'budget MB':>9} {'first step s':>12} "
-          f"{'first start s':>13}")
+          f"{'per rank MB':>14} {'cold bound MB':>13} {'budget MB':>9} {'1-step job MB':>13} "
+          f"{'first step s':>12} {'first start s':>13}")
     for r in rows:
         ranks = "/".join(f"{b / 1e6:.2f}" for b in r["rank_read_bytes"])
         print(f"{r['gb']:>6g}GB {r['nproc']:>5} {r['bin'] / 1e6:>9.1f} {r['index'] / 1e6:>9.1f} "
               f"{r['preflight_read_bytes'] / 1e6:>12.2f} {ranks:>14} {r['cold_rank_bound'] / 1e6:>13.2f} "
-              f"{r['budget'] / 1e6:>9.2f} {r['first_step_s']:>12.1f} {r['first_start_s']:>13.1f}")
+              f"{r['budget'] / 1e6:>9.2f} {r['job_read_bytes'] / 1e6:>13.1f} {r['first_step_s']:>12.1f} "
+              f"{r['first_start_s']:>13.1f}")
     for nproc in nprocs:
         mine = [r for r in rows if r["nproc"] == nproc]
         if len(mine) > 1:
