@@ -34,6 +34,8 @@ from typing import Iterable, Optional
 import numpy as np
 
 RUNS_KIND = "label_runs"  # P_label_runs.npy
+FACT_KEYS = ("token_min", "token_max", "label_range", "label_counts", "label_runs",
+             "mixed_label_docs")
 NUM_LABELS = 3
 BLOCK = 1 << 24  # elements per scanned block
 PAGE = 4096
@@ -246,7 +248,7 @@ def advise_random(array) -> None:
             mapped.madvise(mmap.MADV_RANDOM)
 
 
-__all__ = ["BLOCK", "RUNS_KIND", "advise_random", "RunScan", "TokenScan", "check_runs", "combined_sha256",
+__all__ = ["BLOCK", "FACT_KEYS", "RUNS_KIND", "advise_random", "RunScan", "TokenScan", "check_runs", "combined_sha256",
            "doc_label_range", "doc_offsets",
            "label_facts", "label_runs", "merge_facts", "merge_runs", "read_spans",
            "run_labels_at", "runs_name", "sample_spans", "scan", "scan_prefix"]

@@ -304,6 +304,10 @@ def _check_recorded(directory: Path, prefix: str, ix: PrefixIndex, entry: dict, 
     pages of each .bin (facts.sample_spans)."""
     rec = entry["facts"]
     tok_bin, lab_bin = ix.tok_prefix.with_suffix(".bin"), ix.lab_prefix.with_suffix(".bin")
+    missing = [k for k in facts.FACT_KEYS if not isinstance(rec, dict) or rec.get(k) is None]
+    if missing:
+        raise DataError(f"manifest: the facts of {prefix} lack {', '.join(missing)} (a damaged "
+                        "manifest; `sgtm prep --relabel DIR` records them again)")
     err = vocab_error(tok_bin, rec["token_min"], rec["token_max"], vocab, " (recorded at prep)")
     if err:
         raise err
