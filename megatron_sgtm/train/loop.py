@@ -83,8 +83,9 @@ def train(cfg: ExperimentConfig, guard: Optional[RunGuard] = None) -> TrainResul
     is_rank0 = dist.get_rank() == 0
     device = compute_device()
 
-    manifest = io.check_data(cfg)
-    batches = io.train_batches(cfg, dp_rank, dp_size)
+    split = io.check_data(cfg)
+    manifest = dict(split.manifest)
+    batches = io.train_batches(cfg, dp_rank, dp_size, split)
     from ..model import build_model_chunks
 
     check_device(cfg, device.type == "cuda")
