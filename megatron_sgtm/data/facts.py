@@ -17,9 +17,10 @@ label change inside a document) and gives each document's label range and the la
 of packing without reading a byte of the per-token sidecar.
 
 So opening a split at training start reads the index files, the per-document arrays and the
-run file, plus a few sampled pages of each ``.bin`` (``sample_spans``); the full scans here
-run at prep (on arrays already in memory), in ``sgtm verify-data`` and, for directories
-prepped before facts were recorded, at start.
+run file, plus a few sampled pages of each ``.bin`` (``sample_spans``, read with readahead
+off); the full scans here run at prep (on arrays already in memory; held-out splits, small,
+from disk), in ``sgtm verify-data`` and, for directories prepped before facts were recorded,
+at start.
 
 The scanners take blocks in order, so one read of a file can feed its sha256 and its scan.
 """
@@ -195,9 +196,9 @@ def merge_facts(parts: list[dict], runs: np.ndarray) -> dict:
 def scan_prefix(tokens, labels, doc_offsets: np.ndarray, doc_lengths: np.ndarray):
     """(facts, runs) of one prefix by a full scan of its token and label arrays."""
     runs = label_runs(labels)
-    facts = scan(tokens, TokenScan()).facts()
-    facts.update(label_facts(runs, len(labels), doc_label_range(runs, doc_offsets, doc_lengths)))
-    return facts, runs
+    found = scan(tokens, TokenScan()).facts()
+    found.update(label_facts(runs, len(labels), doc_label_range(runs, doc_offsets, doc_lengths)))
+    return found, runs
 
 
 def combined_sha256(entries: list[dict], kind: str) -> str:
@@ -248,7 +249,7 @@ def advise_random(array) -> None:
             mapped.madvise(mmap.MADV_RANDOM)
 
 
-__all__ = ["BLOCK", "FACT_KEYS", "RUNS_KIND", "advise_random", "RunScan", "TokenScan", "check_runs", "combined_sha256",
-           "doc_label_range", "doc_offsets",
-           "label_facts", "label_runs", "merge_facts", "merge_runs", "read_spans",
-           "run_labels_at", "runs_name", "sample_spans", "scan", "scan_prefix"]
+__all__ = ["BLOCK", "FACT_KEYS", "RUNS_KIND", "RunScan", "TokenScan", "advise_random",
+           "check_runs", "combined_sha256", "doc_label_range", "doc_offsets", "label_facts",
+           "label_runs", "merge_facts", "merge_runs", "read_spans", "run_labels_at", "runs_name",
+           "sample_spans", "scan", "scan_prefix"]
