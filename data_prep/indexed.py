@@ -18,13 +18,11 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
+# megatron-core's constants and the reader (a test checks them against megatron's own),
+# kept apart from megatron-core so that prep workers never import it (6 s per process).
+from megatron_sgtm.data.index_file import DTYPE_CODES, INDEX_HEADER, read_index
+
 BLOCK = 1 << 20  # index entries per streamed block
-# megatron-core's constants (a test checks them against megatron's own), kept here so that
-# prep workers never import megatron-core and torch (6 s and ~300 MB per process).
-INDEX_HEADER = b"MMIDIDX\x00\x00"
-DTYPE_CODES = {"uint8": 1, "int8": 2, "int16": 3, "int32": 4, "int64": 5, "float64": 6,
-               "float32": 7, "uint16": 8}
-_PREAMBLE = len(INDEX_HEADER) + 8 + 1 + 8 + 8
 
 
 def _header(dtype, n_seq: int) -> bytes:
@@ -100,18 +98,11 @@ def write_index(idx_path: Path, dtype, length_blocks: Iterable[np.ndarray] | lis
 def read_lengths(prefix: Path) -> tuple[np.ndarray, type]:
     """Sequence lengths (a memory map into the .idx) and dtype of an index, no copy."""
     idx = Path(str(prefix) + ".idx")
-    with open(idx, "rb") as f:
-        head = f.read(_PREAMBLE)
-    if len(head) < _PREAMBLE or not head.startswith(INDEX_HEADER):
-        raise ValueError(f"{idx}: not a megatron index")
-    code = head[len(INDEX_HEADER) + 8]
-    names = {v: k for k, v in DTYPE_CODES.items()}
-    if code not in names:
-        raise ValueError(f"{idx}: unknown dtype code {code}")
-    (n,) = struct.unpack("<Q", head[len(INDEX_HEADER) + 9:len(INDEX_HEADER) + 17])
-    if n == 0:
-        return np.zeros(0, np.int32), np.dtype(names[code]).type
-    return np.memmap(idx, dtype=np.int32, mode="r", offset=_PREAMBLE, shape=(n,)), np.dtype(names[code]).type
+    try:
+        index = read_index(idx)
+    except ValueError as e:
+        raise ValueError(f"{idx}: not a megatron index ({e})") from None
+    return index.lengths, index.dtype.type
 
 
 def merge(prefixes: list[Path], out_prefix: Path) -> None:

@@ -25,6 +25,7 @@ from data_prep.noise import LABEL_NAMES, apply_policy
 from data_prep.plan import ShardSpec, source_version
 from data_prep.recipe import Recipe
 from data_prep.sample import GLOBAL_MARKER
+from megatron_sgtm.data import facts
 from megatron_sgtm.version import version_string
 
 
@@ -145,18 +146,45 @@ def train_stats(u: Units, labels: np.ndarray, paragraphs: bool) -> dict:
     return out
 
 
-def write_train_labels(out: Path, prefixes: list[str], u: Units, labels: np.ndarray) -> dict[str, dict]:
-    """Each shard's label file (staged, then renamed); returns their file records per prefix."""
-    shas = {}
+def write_train_labels(out: Path, prefixes: list[str], u: Units,
+                       labels: np.ndarray) -> dict[str, tuple[dict, dict]]:
+    """Each shard's label sidecar (staged, then renamed); returns per prefix the file records
+    and the label facts (``megatron_sgtm.data.facts``), taken from the labels in memory."""
+    out_records = {}
     with shards.staging(out, "labels") as tmp:
         (tmp / shards.TRAIN_DIR).mkdir()
         for prefix, (a, b) in zip(prefixes, u.bounds):
             doc_len = shards.doc_lengths(out, prefix)
-            shards.write_labels(tmp, prefix, labels[a:b], u.lengths[a:b], doc_len)
-            names = shards.indexed_files(prefix, "labels")
-            shas[prefix] = {n: shards.file_record(tmp, n) for n in names}
+            runs = shards.write_labels(tmp, prefix, labels[a:b], u.lengths[a:b], doc_len)
+            shards.save_array(tmp, prefix, facts.RUNS_KIND, runs)
+            names = shards.label_files(prefix)
+            out_records[prefix] = ({n: shards.file_record(tmp, n) for n in names},
+                                   facts.label_facts(runs, int(doc_len.sum()), facts.doc_label_range(
+                                       runs, facts.doc_offsets(doc_len), doc_len)))
             shards.place(tmp, out, names)
-    return shas
+    return out_records
+
+
+def token_facts(out: Path, entry: dict, token_dtype: str) -> dict:
+    """A shard's token range: the map's record, or (a shard mapped before it recorded one)
+    one read of its token file now."""
+    recorded = entry.get("facts") or {}
+    if recorded.get("token_min") is not None:
+        return {k: recorded[k] for k in ("token_min", "token_max")}
+    tokens = np.memmap(Path(out) / f"{entry['prefix']}_tokens.bin", dtype=np.dtype(token_dtype), mode="r")
+    return facts.scan(tokens, facts.TokenScan()).facts()
+
+
+def heldout_entry(out: Path, name: str, token_dtype: str) -> dict:
+    """A held-out split's facts (a full scan: held-out splits are small), its run file
+    (written here) and its file records."""
+    found, runs = shards.scan_facts(out, name, token_dtype)
+    with shards.staging(out, "heldout") as tmp:
+        shards.save_array(tmp, name, facts.RUNS_KIND, runs)
+        shards.place(tmp, out, [facts.runs_name(name)])
+    names = [*shards.indexed_files(name, "tokens"), *shards.label_files(name),
+             *(f"{name}_{k}.npy" for k in ("truth", "scores") if (Path(out) / f"{name}_{k}.npy").is_file())]
+    return {"facts": found, "files": {n: shards.file_record(out, n) for n in names}}
 
 
 def sources_provenance(recipe: Recipe, plan: list[ShardSpec], markers: dict[int, dict]) -> list[dict]:
@@ -198,21 +226,14 @@ def _recorded_recipe(recipe: Recipe) -> dict:
     return d
 
 
-def _combined(entries: list[dict], kind: str) -> str:
-    h = hashlib.sha256()
-    for e in entries:
-        for name in shards.indexed_files(e["prefix"], kind):
-            h.update(e["files"][name]["sha256"].encode())
-    return h.hexdigest()
-
-
 def label_and_manifest(recipe: Recipe, out: Path, plan: list[ShardSpec], markers: dict[int, dict],
                        log: Callable[[str], None]) -> dict:
     """The prep reduce: shard entries from the markers, then :func:`label_shards`."""
     out = Path(out)
     gm = json.loads((out / shards.STATE / GLOBAL_MARKER).read_text(encoding="utf-8"))
     entries = [{"prefix": markers[s.index]["prefix"], "num_docs": markers[s.index]["num_docs"],
-                "num_tokens": markers[s.index]["num_tokens"], "files": markers[s.index]["files"]}
+                "num_tokens": markers[s.index]["num_tokens"], "files": markers[s.index]["files"],
+                "facts": markers[s.index].get("facts")}
                for s in plan if markers[s.index]["num_docs"] > 0]
     base = {"tokenizer": gm["tokenizer"], "token_dtype": gm["token_dtype"],
             "sources": sources_provenance(recipe, plan, markers),
@@ -242,13 +263,18 @@ def label_shards(recipe: Recipe, out: Path, entries: list[dict], base: dict,
     result = apply_policy(u.truth, u.scores, u.lengths, thr, recipe.noise)
     metrics = classifiers.measure(u.scores, u.truth, thr, ~u.seed)
     shards.remove_manifest(out)
-    label_shas = write_train_labels(out, prefixes, u, result.labels)
+    written = write_train_labels(out, prefixes, u, result.labels)
     sources = base["sources"]
     given = (base["tokenizer"]["sha256"] if recipe.tokenizer.model else None)
     train = train_stats(u, result.labels, paragraphs)
-    # Per shard: every file with its size and sha256 (the map's, verified above, and the labels').
-    train["shards"] = [{**e, "files": {**{k: v for k, v in e["files"].items() if "_labels." not in k},
-                                       **label_shas[e["prefix"]]}} for e in entries]
+    # Per shard: every file with its size and sha256 (the map's, verified above, and the label
+    # sidecar's), and its facts (the map's token range, the labels' facts).
+    train["shards"] = []
+    for e in entries:
+        records, label = written[e["prefix"]]
+        kept = {k: v for k, v in e["files"].items() if k not in shards.label_files(e["prefix"])}
+        train["shards"].append({**e, "files": {**kept, **records},
+                                "facts": {**token_facts(out, e, base["token_dtype"]), **label}})
     unit = "paragraph spans" if paragraphs else "docs"
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -268,8 +294,8 @@ def label_shards(recipe: Recipe, out: Path, entries: list[dict], base: dict,
                                         else f"all train {unit}")},
         "splits": {"train": train},
         # For train: sha256 over the shards' .bin then .idx sha256 hex digests, in shard order.
-        "tokens_sha256": {"train": _combined(train["shards"], "tokens")},
-        "label_sidecar_sha256": {"train": _combined(train["shards"], "labels")},
+        "tokens_sha256": {"train": facts.combined_sha256(train["shards"], "tokens")},
+        "label_sidecar_sha256": {"train": facts.combined_sha256(train["shards"], "labels")},
     }
     if paragraphs:
         manifest["classifier"]["by_granularity"] = granularity_metrics(u, thr)
@@ -286,7 +312,7 @@ def label_shards(recipe: Recipe, out: Path, entries: list[dict], base: dict,
         lengths = shards.doc_lengths(out, name)
         st = {"num_docs": int(len(lengths)), "num_tokens": int(lengths.sum())}
         manifest["splits"][name] = {
-            **st,
+            **st, **heldout_entry(out, name, base["token_dtype"]),
             "docs_per_true_domain": {n: int((truth == i).sum()) for i, n in enumerate(DOMAIN_NAMES)},
             "tokens_per_true_domain": {n: int(lengths[truth == i].sum()) for i, n in enumerate(DOMAIN_NAMES)},
             "tokens_per_applied_label": {n: (st["num_tokens"] if i == 0 else 0) for i, n in enumerate(LABEL_NAMES)}}

@@ -1,9 +1,11 @@
 """Relabel a finished shard directory under a new noise policy or threshold.
 
-Only the train label files (``train/shard-*_labels.bin/.idx``) and ``manifest.json`` are
-rewritten (test splits are always unlabeled); tokens, truth and scores are read, never
-written. This takes seconds because labels are a function of (truth, score, policy) per
-unit (document, or paragraph span), which the reduce reads from the small sidecars.
+Only the train label sidecars (``train/shard-*_labels.bin/.idx`` and ``_label_runs.npy``)
+and ``manifest.json`` are rewritten, with each shard's label facts (test splits are always
+unlabeled); tokens, truth and scores are never written. This takes seconds because labels
+are a function of (truth, score, policy) per unit (document, or paragraph span), which the
+reduce reads from the small sidecars. A directory prepped before facts were recorded has
+its token files read once here, so the relabelled manifest records every shard's facts.
 """
 from __future__ import annotations
 

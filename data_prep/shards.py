@@ -33,6 +33,7 @@ import numpy as np
 
 from data_prep.errors import PrepError
 from data_prep.indexed import IndexedWriter, read_lengths
+from megatron_sgtm.data import facts
 
 TEST_SPLITS = ("test_retain", "test_forget", "test_adjacent")
 STATE = ".prep"
@@ -59,12 +60,27 @@ def write_tokens(directory: Path, prefix: str, flat: np.ndarray, lengths: np.nda
 
 
 def write_labels(directory: Path, prefix: str, unit_labels: np.ndarray, unit_lengths: np.ndarray,
-                 doc_lengths: np.ndarray) -> None:
-    """Per-token labels: each unit (document or span) repeats its label over its tokens."""
+                 doc_lengths: np.ndarray) -> np.ndarray:
+    """Per-token labels: each unit (document or span) repeats its label over its tokens.
+    Returns their run file's rows (``megatron_sgtm.data.facts``), from the array in memory."""
     flat = np.repeat(np.asarray(unit_labels, np.uint8), np.asarray(unit_lengths, np.int64))
     w = IndexedWriter(Path(directory) / f"{prefix}_labels", np.uint8)
     w.add(flat, doc_lengths)
     w.finalize()
+    return facts.label_runs(flat)
+
+
+def label_files(prefix: str) -> list[str]:
+    """The label sidecar of a prefix: what a relabel rewrites."""
+    return indexed_files(prefix, "labels") + [facts.runs_name(prefix)]
+
+
+def scan_facts(directory: Path, prefix: str, token_dtype) -> tuple[dict, np.ndarray]:
+    """(facts, label runs) of a prefix on disk, by reading all of its tokens and labels."""
+    lengths = doc_lengths(directory, prefix)
+    tokens = np.memmap(Path(directory) / f"{prefix}_tokens.bin", dtype=np.dtype(token_dtype), mode="r")
+    labels = np.memmap(Path(directory) / f"{prefix}_labels.bin", dtype=np.uint8, mode="r")
+    return facts.scan_prefix(tokens, labels, facts.doc_offsets(lengths), lengths)
 
 
 def save_array(directory: Path, prefix: str, kind: str, arr: np.ndarray) -> str:

@@ -26,6 +26,7 @@ from data_prep.indexed import IndexedWriter
 from data_prep.plan import ShardSpec
 from data_prep.recipe import Recipe
 from data_prep.sample import GlobalState
+from megatron_sgtm.data.facts import TokenScan
 
 _encoders: dict = {}
 
@@ -69,7 +70,7 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
     paragraphs = recipe.classifier.granularity == "paragraph"
     heldout, seed = state.ordinals("heldout", spec.index), state.ordinals("seed", spec.index)
     encoder = encoder_for(recipe, out, state)
-    counts, digest = DocCounts(), hashlib.sha256()
+    counts, digest, token_range = DocCounts(), hashlib.sha256(), TokenScan()
     stage_counts = None  # cascades: per level and stage, summed over the shard's chunks
     arrays: dict[str, list[np.ndarray]] = {k: [] for k in shards.DOC_ARRAYS}
     n_docs = n_tokens = n_heldout = text_bytes = ordinal = 0
@@ -91,6 +92,7 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
                     enc = encoder.encode(chunk, paragraphs)
                     writer.add(enc.tokens, enc.doc_lengths)
                     stage_counts = add_counts(stage_counts, enc.stage_counts)
+                    token_range.update(enc.tokens)
                     arrays["truth"].append(enc.doc_truth)
                     arrays["scores"].append(enc.doc_scores)
                     arrays["seed"].append(_member(seed, ords[~test]).astype(np.uint8))
@@ -125,7 +127,8 @@ def run_shard(recipe: Recipe, out: Path, spec: ShardSpec, state: GlobalState) ->
         raise
     marker = {"shard": spec.index, "prefix": prefix, "input_sha256": digest.hexdigest(),
               "num_docs": n_docs, "num_tokens": n_tokens, "heldout_docs": n_heldout,
-              "text_bytes": text_bytes, "counts": counts.to_dict(), "files": files}
+              "text_bytes": text_bytes, "counts": counts.to_dict(), "files": files,
+              "facts": token_range.facts()}
     if stage_counts is not None:
         marker["classifier_stages"] = stage_counts
     try:

@@ -8,6 +8,7 @@ import sys
 # subcommand -> (module with ``main(argv) -> int``, one-line help)
 COMMANDS = {
     "prep": ("data_prep.cli", "build training shards from a data recipe"),
+    "verify-data": ("megatron_sgtm.data.verify_cli", "check every byte of a shard directory"),
     "train": ("megatron_sgtm.train.cli", "pretrain with SGTM / baselines (torchrun, DP x TP)"),
     "plan": ("megatron_sgtm.plan_cli", "per-GPU memory estimate of a training config"),
     "ablate": ("megatron_sgtm.post.ablate_cli", "zero or prune theta_forget in a checkpoint"),

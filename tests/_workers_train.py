@@ -134,3 +134,23 @@ def count_grad_reductions(rank, world, shards, overlap):
     finally:
         dist.all_reduce = original
     return {"calls": len(calls), "buckets": sum(len(g.buckets) for g in engine.module.bucket_groups)}
+
+
+def startup_world(rank, world, run_dir, cold_file):
+    """Each rank records its start; rank 1 first reads a file evicted from the page cache,
+    so its own read_bytes, and only its, carry that file's size."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_sgtm.process_io import evict
+    from megatron_sgtm.train.startup import record_startup
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if rank == 1:
+        evict([Path(cold_file)])
+        Path(cold_file).read_bytes()
+    dist.barrier()
+    printed = []
+    record = record_startup(5, torch.device("cpu"), rank == 0, run_dir, printed.append)
+    dist.destroy_process_group()
+    return record, printed

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import sys
 import traceback
 
 import torch
@@ -32,9 +33,10 @@ def _worker(rank, world_size, port, fn, args, queue):
     except BaseException:  # report any failure to the parent with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        from megatron_sgtm.parallel import destroy_parallel
+        if "megatron_sgtm.parallel" in sys.modules:  # else nothing of it to tear down (and
+            from megatron_sgtm.parallel import destroy_parallel  # no megatron-core import)
 
-        destroy_parallel()
+            destroy_parallel()
 
 
 def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 300):

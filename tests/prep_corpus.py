@@ -52,3 +52,13 @@ def tree(d: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     """Every file under ``d`` by relative path (``skip``: relative paths left out)."""
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*"))
             if p.is_file() and str(p.relative_to(d)) not in skip}
+
+
+def prep_small(root: Path) -> Path:
+    """A finished prep of ``write_corpus`` (several train shards) under ``root/out``."""
+    from data_prep.cli import main
+
+    out = root / "out"
+    assert main(["--recipe", str(write_corpus(root)), "--out", str(out), "--no-progress",
+                 "--workers", "2", *RECIPE_OVERRIDES]) == 0
+    return out

@@ -80,9 +80,11 @@ def test_cache_roundtrip_and_key(tmp_path):
     lengths, labels, truth = _corpus()
     a, key_a = cached_packing(tmp_path, lengths, labels, truth, 15, 1)
     files = list(tmp_path.iterdir())
-    assert [f.name for f in files] == [f"packing_{key_a}.npz"]  # no temp file left
+    assert [f.name for f in files] == [f"packing_{key_a}"]  # no temp entry left
     b, key_b = cached_packing(tmp_path, lengths, labels, truth, 15, 1)
     assert key_a == key_b
+    # Read back as memory maps: a restart reads the entries its steps use, not the index.
+    assert all(isinstance(v, np.memmap) for v in b.arrays().values())
     for k, v in a.arrays().items():
         np.testing.assert_array_equal(v, b.arrays()[k])
     relabelled = labels.copy()
@@ -91,6 +93,6 @@ def test_cache_roundtrip_and_key(tmp_path):
     _, key_d = cached_packing(tmp_path, lengths, labels, truth, 15, 1, drop_labels=(2,))
     assert len({key_a, key_c, key_d}) == 3
     # A corrupt cache entry is rebuilt, not trusted.
-    (tmp_path / f"packing_{key_a}.npz").write_bytes(b"garbage")
+    (tmp_path / f"packing_{key_a}" / "piece_doc.npy").write_bytes(b"garbage")
     c, _ = cached_packing(tmp_path, lengths, labels, truth, 15, 1)
     np.testing.assert_array_equal(c.piece_doc, a.piece_doc)

@@ -13,6 +13,7 @@ from data_prep.cli import main
 from data_prep.indexed import DTYPE_CODES, INDEX_HEADER, IndexedWriter, merge
 from data_prep.relabel import relabel
 from megatron_sgtm.data import TrainBatches, open_split
+from megatron_sgtm.data.index_file import read_index
 from prep_corpus import RECIPE_OVERRIDES, write_corpus
 
 
@@ -52,6 +53,13 @@ def test_writer_and_merge_match_megatron_builder(tmp_path):
     ref.finalize(str(tmp_path / "refmerged.idx"))
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"merged{ext}").read_bytes() == (tmp_path / f"refmerged{ext}").read_bytes()
+    # The reader a start uses (no megatron-core import) sees what megatron-core's reader sees.
+    for prefix in [*prefixes, tmp_path / "refmerged"]:
+        ours, theirs = read_index(Path(f"{prefix}.idx")), m.IndexedDataset(str(prefix), mmap=True)
+        assert ours.dtype == np.dtype(theirs.index.dtype)
+        assert ours.sequence_count == len(theirs.index) and ours.document_count == len(theirs.document_indices)
+        assert np.array_equal(ours.lengths, theirs.sequence_lengths)
+        assert np.array_equal(ours.pointers, theirs.index.sequence_pointers)
 
 
 @pytest.fixture(scope="module")

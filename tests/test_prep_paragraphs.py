@@ -64,6 +64,18 @@ def test_spans_tile_documents_and_carry_their_labels(mixed):
         assert (open_split(out, name).doc_truth == code).all()
 
 
+def test_facts_of_paragraph_labels_match_a_full_scan(mixed):
+    """Documents carrying several labels: the recorded facts and run files (what a start
+    reads instead of the labels) agree with the label files."""
+    from test_data_facts import assert_facts_match_a_full_scan
+
+    out, _ = mixed
+    listed = assert_facts_match_a_full_scan(out)
+    split = open_split(out, "train")
+    mixed_docs = sum(e["facts"]["mixed_label_docs"] for p, e in listed if p.startswith("train/"))
+    assert mixed_docs == split.mixed_label_docs == int((split.doc_labels != split.doc_label_min).sum()) > 0
+
+
 def test_packed_sequences_never_mix_labels(mixed):
     out, _ = mixed
     split = open_split(out, "train")

@@ -144,7 +144,7 @@ def test_relabel_rewrites_only_labels(topic, tmp_path):
     assert elapsed < 10
     new = _files(d)
     changed = sorted(k for k in new if new[k] != old[k])
-    labels_bins = [f"{p}_labels.bin" for p in _prefixes(before, "train")]
+    labels_bins = [f"{p}_{k}" for p in _prefixes(before, "train") for k in ("label_runs.npy", "labels.bin")]
     assert changed == ["manifest.json"] + labels_bins  # idx is unchanged: same lengths
     real = m["realised"]
     assert abs(real["undiscovered_rate"] - 0.5) < 0.01

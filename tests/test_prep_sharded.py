@@ -131,7 +131,8 @@ def test_changed_recipe_or_input_refused_without_force(corpus, one_worker, tmp_p
     assert not any("shards to process" in line for line in logs)
     assert abs(m["realised"]["undiscovered_rate"] - 0.5) < 0.02
     changed = sorted(k for k, v in tree(out).items() if before.get(k) != v)
-    assert changed and all(k == "manifest.json" or k.endswith("_labels.bin") for k in changed)
+    assert changed and all(k == "manifest.json" or k.endswith(("_labels.bin", "_label_runs.npy"))
+                           for k in changed)
 
 
 @pytest.mark.parametrize("kind", ["parquet", "hf_map", "hf_stream"])

@@ -52,3 +52,23 @@ def test_missing_wandb_falls_back_to_the_metrics_file(tmp_path, monkeypatch, cap
     sink.close()
     assert "wandb is not installed" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 1.0}
+
+
+def test_startup_record_holds_every_ranks_seconds_and_reads(tmp_path):
+    """One line per start in startup.jsonl, rank by rank (rank 1 alone read a cold 4 MB file
+    before it), and one summary line printed by rank 0."""
+    import os
+
+    from _workers_train import startup_world
+    from distributed import run_distributed
+    from megatron_sgtm.process_io import read_bytes
+
+    cold = tmp_path / "cold.bin"
+    cold.write_bytes(os.urandom(4 << 20))
+    (r0, printed0), (r1, printed1) = run_distributed(startup_world, 2, str(tmp_path), str(cold))
+    assert r1 is None and printed1 == [] and len(printed0) == 1
+    lines = [json.loads(x) for x in (tmp_path / "startup.jsonl").read_text().splitlines()]
+    assert lines == [r0] and r0["step"] == 5 and len(r0["seconds"]) == len(r0["read_bytes"]) == 2
+    assert all(s > 0 for s in r0["seconds"]) and "start-up: first step" in printed0[0]
+    if read_bytes() is not None:
+        assert r0["read_bytes"][1] >= 4 << 20 > r0["read_bytes"][0], r0

@@ -100,6 +100,7 @@ class TrainBatches:
                             f"dp_rank {dp_rank}, dp_size {dp_size}")
         self.spec = method_spec(method)
         self.split = split
+        split.expect_random_reads()
         self.seq_length, self.mbs = seq_length, micro_batch_size
         self.dp_rank, self.dp_size, self.seed, self.method = dp_rank, dp_size, seed, method
         if cache_dir is None and use_cache:

@@ -1,4 +1,4 @@
-"""Many shards' memory maps as one flat array, and where labels change inside it.
+"""Many shards' memory maps as one flat array.
 
 ``FlatConcat`` answers the two reads the batch builders make (an integer position array, or a
 contiguous slice) by mapping global positions to (shard, local position); nothing is copied
@@ -54,12 +54,3 @@ class FlatConcat:
             out[sel] = self.parts[int(i)][pos[sel] - self.starts[i]]
         return out
 
-
-def label_changes(labels, n: int, block: int = 1 << 24) -> np.ndarray:
-    """Flat positions ``p`` with ``labels[p] != labels[p - 1]``, read in bounded blocks."""
-    out = []
-    for b in range(0, n, block):
-        a = max(b - 1, 0)
-        seg = np.asarray(labels[a:min(b + block, n)])
-        out.append(np.flatnonzero(seg[1:] != seg[:-1]) + a + 1)
-    return np.concatenate(out) if out else np.zeros(0, np.int64)

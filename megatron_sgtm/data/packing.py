@@ -7,7 +7,8 @@ what keeps forget information out of retain gradients under causal attention (SG
 
 A sample is a run of pieces ``(doc, start, stop)`` (token offsets inside the document); the
 index stores them as flat arrays with a CSR pointer per sample, so millions of samples cost a
-few arrays and can be cached on disk.
+few arrays and can be cached on disk (memory-mapped when read back, so a restart reads only
+the entries its steps use).
 
 Documents whose tokens carry different labels (paragraph-level labels) are first split at
 every label change into label-homogeneous *units* (``units=(unit_doc, unit_start)``, with
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,11 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-CACHE_VERSION = 1
+from .facts import advise_random
+
+CACHE_VERSION = 2
+_ARRAYS = ("sample_label", "routing_label", "sample_truth", "piece_ptr", "piece_doc",
+           "piece_start", "piece_stop")
 NUM_TRUTH = 3
 
 
@@ -53,9 +59,7 @@ class PackedIndex:
                 zip(self.piece_doc[a:b], self.piece_start[a:b], self.piece_stop[a:b])]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in ("sample_label", "routing_label", "sample_truth",
-                                               "piece_ptr", "piece_doc", "piece_start",
-                                               "piece_stop")}
+        return {k: getattr(self, k) for k in _ARRAYS}
 
 
 def _cut(doc_ids: np.ndarray, lengths: np.ndarray, sample_len: int):
@@ -133,12 +137,31 @@ def build_packing(doc_lengths: np.ndarray, doc_labels: np.ndarray, seq_length: i
 def packing_key(doc_lengths, doc_labels, doc_truth, seq_length: int, seed: int,
                 drop_labels=(), drop_truth=(), route: bool = True, units=None) -> str:
     h = hashlib.sha256()
-    for arr in (doc_lengths, doc_labels, doc_truth, *(units or ())):
-        h.update(np.ascontiguousarray(np.asarray(arr, dtype=np.int64)).tobytes())
+    # Narrow types (lengths are int32 in the index, labels and truth take 0..2): a restart
+    # hashes about 6 bytes per document.
+    for arr, dtype in ((doc_lengths, np.int32), (doc_labels, np.uint8), (doc_truth, np.uint8),
+                       *((u, np.int64) for u in (units or ()))):
+        h.update(np.ascontiguousarray(np.asarray(arr, dtype=dtype)).tobytes())
         h.update(b"|")
     h.update(repr((CACHE_VERSION, int(seq_length), int(seed), sorted(drop_labels),
                    sorted(drop_truth), bool(route))).encode())
     return h.hexdigest()[:32]
+
+
+def _load_cached(path: Path) -> PackedIndex:
+    """The cached index as memory maps: opening reads the .npy headers only, and a step
+    reads just the entries of its own samples (a restart's cost does not grow with the data)."""
+    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+              for name in (*_ARRAYS, "meta")}
+    for name in _ARRAYS:  # a step reads a few entries of each, at its samples
+        advise_random(arrays[name])
+    meta = np.asarray(arrays.pop("meta"))
+    index = PackedIndex(int(meta[0]), dropped_docs=int(meta[1]), **arrays)
+    n, pieces = index.num_samples, len(index.piece_doc)
+    if len(index.piece_ptr) != n + 1 or not len(index.routing_label) == len(index.sample_truth) == n or \
+            not len(index.piece_start) == len(index.piece_stop) == pieces:
+        raise ValueError(f"{path}: arrays of inconsistent lengths")
+    return index
 
 
 def cached_packing(cache_dir: Optional[Path], doc_lengths, doc_labels, doc_truth,
@@ -146,33 +169,34 @@ def cached_packing(cache_dir: Optional[Path], doc_lengths, doc_labels, doc_truth
                    route: bool = True, units=None) -> tuple[PackedIndex, str]:
     """``build_packing`` through an on-disk cache keyed by everything the index depends on.
 
-    The cache file is written to a temporary name and renamed, so concurrent ranks and
-    interrupted writers never leave a half-written index behind. An unwritable cache
-    directory only costs the rebuild.
+    An entry is a directory of .npy files, written under a temporary name and renamed, so
+    concurrent ranks and interrupted writers never leave a half-written index behind (the
+    first rename wins; the others drop theirs). A cached index is memory-mapped. An
+    unwritable cache directory only costs the rebuild; an unreadable entry is rebuilt.
     """
     key = packing_key(doc_lengths, doc_labels, doc_truth, seq_length, seed, drop_labels,
                       drop_truth, route, units)
-    path = None if cache_dir is None else Path(cache_dir) / f"packing_{key}.npz"
-    if path is not None and path.is_file():
+    path = None if cache_dir is None else Path(cache_dir) / f"packing_{key}"
+    if path is not None and path.is_dir():
         try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            meta = arrays.pop("meta")
-            return PackedIndex(int(meta[0]), dropped_docs=int(meta[1]), **arrays), key
+            return _load_cached(path), key
         except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable cache entry: rebuild and overwrite it
+            shutil.rmtree(path, ignore_errors=True)  # unreadable: rebuild and replace it
     index = build_packing(doc_lengths, doc_labels, seq_length, seed, doc_truth, drop_labels,
                           drop_truth, route, units)
     if path is not None:
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, meta=np.array([index.seq_length, index.dropped_docs], np.int64),
-                         **index.arrays())
-            os.replace(tmp, path)
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+            for name, arr in {**index.arrays(),
+                              "meta": np.array([index.seq_length, index.dropped_docs], np.int64)}.items():
+                np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
+            os.rename(tmp, path)
+            tmp = None
         except OSError:
+            pass  # unwritable, or another rank renamed its copy first
+        finally:
             if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
     return index, key

@@ -75,6 +75,21 @@ def _write_indexed(prefix: Path, docs: list[np.ndarray], dtype) -> None:
     builder.finalize(str(prefix) + ".idx")
 
 
+def record_facts(directory: Path, prefix: str, lengths: np.ndarray, dtype) -> dict:
+    """The facts and file records prep keeps for a prefix, by a full scan (and its run file)."""
+    from data_prep.shards import file_record
+
+    from .facts import doc_offsets, runs_name, scan_prefix
+
+    tokens = np.fromfile(directory / f"{prefix}_tokens.bin", dtype=dtype)
+    labels = np.fromfile(directory / f"{prefix}_labels.bin", dtype=np.uint8)
+    facts, runs = scan_prefix(tokens, labels, doc_offsets(lengths), np.asarray(lengths, np.int64))
+    np.save(directory / runs_name(prefix), runs, allow_pickle=False)
+    names = [f"{prefix}_{kind}.{ext}" for kind in ("tokens", "labels") for ext in ("bin", "idx")]
+    names += [f"{prefix}_truth.npy", f"{prefix}_scores.npy", runs_name(prefix)]
+    return {"facts": facts, "files": {n: file_record(directory, n) for n in names}}
+
+
 def write_test_shards(directory, docs: Sequence[Doc], labels, truth, vocab: Optional[int] = None,
                       split: str = "train", scores=None, tokenizer_vocab: int = 320) -> dict:
     """Write ``split`` of a shard directory; returns the updated manifest.
@@ -120,6 +135,7 @@ def write_test_shards(directory, docs: Sequence[Doc], labels, truth, vocab: Opti
         "num_docs": len(ids), "num_tokens": int(lengths.sum()),
         "tokens_per_applied_label": {n: int(lengths[doc_label == i].sum())
                                      for i, n in enumerate(("unlabeled", "retain", "forget"))},
+        **record_facts(directory, split, lengths, dtype),
     }
     tmp = manifest_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n")

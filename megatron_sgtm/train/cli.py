@@ -106,6 +106,8 @@ def preflight(cfg: ExperimentConfig, nproc: int) -> None:
         split = data.open_split(cfg.data.dir, cfg.data.split)
     except data.DataError as exc:
         raise TrainError(f"data: {exc}") from None
+    if split.scan_note():
+        print(f"warning: data: {split.scan_note()}", file=sys.stderr, flush=True)
     vocab = ((getattr(split, "manifest", None) or {}).get("tokenizer") or {}).get("vocab_size")
     if vocab is not None and vocab > cfg.model.vocab_size:
         raise TrainError(f"data: tokenizer has {vocab} tokens but model.vocab_size is "

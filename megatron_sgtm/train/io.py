@@ -37,15 +37,16 @@ def _open(cfg: ExperimentConfig, split: str):
         raise TrainError(f"data: {exc}") from None
 
 
-def check_data(cfg: ExperimentConfig) -> dict:
-    """Open (and so validate) the train split; check the vocabulary fits. Returns the manifest."""
+def check_data(cfg: ExperimentConfig):
+    """Open (and so validate) the train split; check the vocabulary fits. Returns the split
+    (``train_batches`` takes it: a rank opens its data once)."""
     split = _open(cfg, cfg.data.split)
     manifest = dict(getattr(split, "manifest", {}) or {})
     vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
     if vocab is not None and vocab > cfg.model.vocab_size:
         raise TrainError(f"data: tokenizer has {vocab} tokens but model.vocab_size is "
                          f"{cfg.model.vocab_size}")
-    return manifest
+    return split
 
 
 def control_ids(manifest: dict, cfg: ExperimentConfig) -> Optional[tuple[int, int]]:
@@ -63,10 +64,10 @@ def manifest_summary(manifest: dict) -> dict:
     return {"tokenizer_sha256": tok.get("sha256"), "vocab_size": tok.get("vocab_size")}
 
 
-def train_batches(cfg: ExperimentConfig, dp_rank: int, dp_size: int):
+def train_batches(cfg: ExperimentConfig, dp_rank: int, dp_size: int, split=None):
     data = _data()
     try:
-        return data.TrainBatches(_open(cfg, cfg.data.split), seq_length=cfg.model.seq_length,
+        return data.TrainBatches(split or _open(cfg, cfg.data.split), seq_length=cfg.model.seq_length,
                                  micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank,
                                  dp_size=dp_size, seed=cfg.train.seed, method=cfg.data.method)
     except data.DataError as exc:

@@ -28,6 +28,7 @@ from .guard import RunGuard
 from .losswatch import LossWatch
 from .metrics import LabelCounters, MetricsSink
 from .schedule import lr_at
+from .startup import record_startup
 
 
 @dataclass
@@ -82,8 +83,9 @@ def train(cfg: ExperimentConfig, guard: Optional[RunGuard] = None) -> TrainResul
     is_rank0 = dist.get_rank() == 0
     device = compute_device()
 
-    manifest = io.check_data(cfg)
-    batches = io.train_batches(cfg, dp_rank, dp_size)
+    split = io.check_data(cfg)
+    manifest = dict(split.manifest)
+    batches = io.train_batches(cfg, dp_rank, dp_size, split)
     from ..model import build_model_chunks
 
     check_device(cfg, device.type == "cuda")
@@ -118,6 +120,7 @@ def train(cfg: ExperimentConfig, guard: Optional[RunGuard] = None) -> TrainResul
                       ps.get_pipeline_model_parallel_group()
                       if ps.get_pipeline_model_parallel_world_size() > 1 else None)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    record_startup(step, device, is_rank0, cfg.run_dir, sink.message)
     iterator = iter(batches)
     model.train()
     last_loss, eval_out, since_log = float("nan"), {}, []
