@@ -60,7 +60,7 @@ def layer_mlp_spec(model) -> ModuleSpec:
 
     shared = None
     if model.moe.shared_expert:
-        shared = ModuleSpec(module=SharedExpertMLP, params={"gate": False},
+        shared = ModuleSpec(module=SharedExpertMLP,
                             submodules=MLPSubmodules(linear_fc1=SGTMColumnParallelLinear,
                                                      linear_fc2=SGTMRowParallelLinear))
     experts = ModuleSpec(module=SGTMExperts, submodules=MLPSubmodules(

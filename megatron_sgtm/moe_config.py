@@ -108,12 +108,10 @@ def moe_problems(core) -> list[str]:
     if routing.variant != "default":
         out.append(f"routing.variant {routing.variant} is not defined for MoE blocks; "
                    "use default")
-    if model.add_bias_linear and moe.shared_expert:
-        out.append("model.moe.shared_expert needs model.add_bias_linear false (megatron-core's "
-                   "shared expert has no biases)")
-    if model.add_bias_linear and core.tensor_parallel > 1:
-        out.append("MoE with model.add_bias_linear needs tensor_parallel 1 (megatron-core "
-                   "supports expert biases only without expert tensor parallelism)")
+    if model.add_bias_linear:
+        out.append("MoE needs model.add_bias_linear false: megatron-core 0.16.1 trains biased "
+                   "experts only under expert parallelism without tensor parallelism, and "
+                   "its shared expert has no biases (nor do Mixtral, Qwen-MoE or DeepSeek)")
     if core.tensor_parallel > 1 and not core.sequence_parallel:
         out.append("MoE with tensor_parallel > 1 needs sequence_parallel true (megatron-core's "
                    "MoE layer refuses to train without it)")

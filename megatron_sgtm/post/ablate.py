@@ -26,7 +26,9 @@ class PruneError(ValueError):
 @torch.no_grad()
 def max_abs_forget(model) -> float:
     """Largest |entry| of theta_forget on this rank's shards (0.0 after ablation)."""
-    worst = 0.0
+    from ..mcore_moe import max_abs_forget_experts
+
+    worst = max_abs_forget_experts(model)
     for _name, module, _role, units in forget_slices(model):
         index = torch.tensor(units, dtype=torch.long, device=module.weight.device)
         column = _is_column(module)
