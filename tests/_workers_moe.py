@@ -348,6 +348,36 @@ def label_isolation(core, full, label: int):
     return out
 
 
+# ---------------------------------------------------------------- checks shared by the tests
+def check_isolation(results: dict, what: str) -> None:
+    """results[(family, mode, label)][name] = (max |grad| on theta_retain, on theta_forget)."""
+    for (family, mode, label), per_param in results.items():
+        learned_forget = False
+        for name, (retain, forget) in per_param.items():
+            where = f"{what} {family}/{mode} label {label}: {name}"
+            if label == 2:
+                assert retain in (None, 0.0), f"{where}: theta_retain learned ({retain})"
+                learned_forget |= bool(forget)
+            else:
+                assert forget in (None, 0.0), f"{where}: theta_forget learned ({forget})"
+                assert retain is None or retain > 0 or "layernorm" in name or \
+                    name == "output_layer.bias", f"{where}: theta_retain idle"
+        if label == 2:
+            assert learned_forget, f"{what} {family}/{mode}: forget tokens trained nothing"
+        forget_expert = [f for n, (_r, f) in per_param.items()
+                         if ".local_experts." in n and f is not None]
+        assert forget_expert, f"{what} {family}: no forget expert in the check"
+        if label == 2:
+            assert max(forget_expert) > 0, f"{what} {family}/{mode}: forget experts idle"
+
+
+def check_invariance(results: dict, what: str) -> None:
+    for key, (outside, inside, changed) in results.items():
+        assert outside == 0.0 and not changed, \
+            f"{what} {key}: forget content moved gradients outside theta_forget: {changed}"
+        assert inside > 0, f"{what} {key}: the new forget content changed nothing (vacuous)"
+
+
 # ---------------------------------------------------------------- ablation and routing
 def count_assignments(model, tokens) -> dict[int, torch.Tensor]:
     """Per MoE block, how many tokens the router sends to each expert (held-out forward)."""

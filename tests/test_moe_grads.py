@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _workers_moe import FAMILIES, MODES, world1
+from _workers_moe import FAMILIES, MODES, check_invariance, check_isolation, world1
 from distributed import run_distributed
 
 CASES = [(f, m) for f in FAMILIES for m in MODES]
@@ -50,37 +50,8 @@ def test_reference_is_not_plain_training(ep1, family):
         assert (ref[router] - plain[router]).abs().max() > 1e-6, mode
 
 
-def check_isolation(results: dict, what: str) -> None:
-    """results[(family, mode, label)][name] = (max |grad| on theta_retain, on theta_forget)."""
-    for (family, mode, label), per_param in results.items():
-        learned_forget = False
-        for name, (retain, forget) in per_param.items():
-            where = f"{what} {family}/{mode} label {label}: {name}"
-            if label == 2:
-                assert retain in (None, 0.0), f"{where}: theta_retain learned ({retain})"
-                learned_forget |= bool(forget)
-            else:
-                assert forget in (None, 0.0), f"{where}: theta_forget learned ({forget})"
-                assert retain is None or retain > 0 or "layernorm" in name or \
-                    name == "output_layer.bias", f"{where}: theta_retain idle"
-        if label == 2:
-            assert learned_forget, f"{what} {family}/{mode}: forget tokens trained nothing"
-        forget_expert = [f for n, (_r, f) in per_param.items()
-                         if ".local_experts." in n and f is not None]
-        assert forget_expert, f"{what} {family}: no forget expert in the check"
-        if label == 2:
-            assert max(forget_expert) > 0, f"{what} {family}/{mode}: forget experts idle"
-
-
 def test_single_label_batches_touch_only_their_partition(ep1):
     check_isolation(ep1["isolation"], "EP 1")
-
-
-def check_invariance(results: dict, what: str) -> None:
-    for key, (outside, inside, changed) in results.items():
-        assert outside == 0.0 and not changed, \
-            f"{what} {key}: forget content moved gradients outside theta_forget: {changed}"
-        assert inside > 0, f"{what} {key}: the new forget content changed nothing (vacuous)"
 
 
 def test_forget_content_changes_no_gradient_outside_theta_forget(ep1):
