@@ -190,10 +190,12 @@ class SGTMRouter(TopKRouter):
         # Top-k on the logits themselves (both score functions are monotone): a blocked
         # expert (-inf) is never chosen, even where a score would underflow to a tie at 0.
         chosen = torch.topk(logits, self.topk, dim=1).indices
-        one_hot = F.one_hot(chosen, self.num_experts)
         weights = self._weights(logits, chosen)
-        probs = (one_hot.to(weights.dtype) * weights.unsqueeze(-1)).sum(1)
-        routing_map = one_hot.sum(1).bool()
+        rows = torch.arange(tokens, device=logits.device).unsqueeze(1).expand_as(chosen)
+        # index_put saves only the indices for backward (a one-hot product would save [T, k, E]).
+        probs = torch.zeros_like(logits, dtype=weights.dtype).index_put((rows, chosen), weights)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).index_put(
+            (rows, chosen), torch.ones_like(chosen, dtype=torch.bool))
         probs = self._load_balancing(probs, logits, routing_map, forget)
         if forget is not None and not self.forced:
             probs = torch.where(forget[:, None], -probs, probs)  # the label, for the experts
