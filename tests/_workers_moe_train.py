@@ -121,6 +121,7 @@ def world_two(rank, world, states, checkpoint_dir):
     out = {"steps": run_steps("ep2", FAMILIES, states)}
     out["saved"] = save_checkpoint("swiglu_shared", states["swiglu_shared"], checkpoint_dir)
     out.update(world_ep(rank, world, states, ep=2))
+    out["plan"] = {family: plan_check(family, "ep2") for family in FAMILIES}
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
@@ -136,10 +137,42 @@ def world_one(rank, world):
 
     init_parallel(1, seed=0)
     states = {family: initial_state(family) for family in FAMILIES}
-    return {"states": states, "steps": run_steps("ep1", FAMILIES, states)}
+    return {"states": states, "steps": run_steps("ep1", FAMILIES, states),
+            "plan": {family: plan_check(family, "ep1") for family in FAMILIES}}
 
 
 def world_four(rank, world, states):
     """TP 2 x EP 2 with sequence parallelism (4 processes)."""
     out = run_steps("tp2_ep2", ["swiglu_shared"], states)
     return out if rank == 0 else None
+
+
+def plan_check(family: str, layout: str) -> dict:
+    """This rank's real parameters and saved activation bytes (one forward of
+    label-homogeneous sequences through the engine's module) next to ``sgtm plan``'s."""
+    from _workers_plan import _saved_bytes
+    from megatron_sgtm.model import build_model_chunks
+    from megatron_sgtm.plan import Layout, plan_stage
+    from megatron_sgtm.routing import route
+    from megatron_sgtm.train.engine import build_engine
+
+    cfg = experiment(family, layout, "learned")
+    _init(cfg)
+    (model,) = build_model_chunks(cfg.core)
+    engine = build_engine([model], cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    (batch,) = micro_batches([[2, 1, 0, 2]])
+    pos = torch.arange(batch["tokens"].shape[1]).expand_as(batch["tokens"]).contiguous()
+
+    def run():
+        with route(batch["routing_labels"]):
+            return engine.module(batch["tokens"], pos, None, labels=batch["targets"])
+
+    saved, _ = _saved_bytes(run, params)
+    world = LAYOUTS[layout][0]
+    stage = plan_stage(cfg.model, Layout.of(cfg, world), 0)
+    from megatron_sgtm.plan_moe import dispatcher_bytes
+
+    return {"params": sum(p.numel() for p in model.parameters()), "plan_params": stage.params,
+            "saved": saved, "plan_saved": stage.activations + stage.extras -
+            dispatcher_bytes(cfg.model, Layout.of(cfg, world))}

@@ -134,3 +134,35 @@ def test_layer_freq_makes_every_kth_block_moe():
     part_some = build_partition(cfg.model, type(cfg.partition)(
         **{**vars(cfg.partition), "layers": [1, 2]}), cfg.routing)
     assert part_some.expert_layers == (2,)
+
+
+def test_plan_counts_experts_per_expert_parallel_rank():
+    from dataclasses import replace
+
+    from megatron_sgtm.plan import (Layout, active_block_params, block_params, model_params,
+                                    plan_stage)
+
+    cfg = load_experiment(ROOT / "configs/train/moe_1b7b_h100x8.yaml")
+    m = cfg.model
+    h, f = m.hidden_size, m.moe.expert_width(m.ffn_hidden_size)
+    attention = 2 * h + 4 * h * h  # RMSNorms, q/k/v/o (MHA, no biases)
+    expert = 3 * h * f  # SwiGLU: gate, up, down
+    assert block_params(m, 0, tp=1, ep=1) == attention + 64 * h + 64 * expert
+    assert block_params(m, 0, tp=1, ep=8) == attention + 64 * h + 8 * expert
+    assert active_block_params(m) == 16 * (attention + 64 * h + 8 * expert)
+    assert model_params(m) == 16 * block_params(m, 0) + 2 * 50304 * h + h
+    # The distributed optimizer shards dense state over DP, expert state over DP / EP.
+    layout = Layout.of(cfg, 16)  # DP 16, EP 8: expert data parallelism 2
+    stage = plan_stage(m, layout, 0)
+    experts = 16 * 8 * expert
+    assert stage.optimizer == -(-12 * (stage.params - experts) // 16) + 12 * experts // 2
+    assert plan_stage(m, replace(layout, distributed_optimizer=False), 0).optimizer == \
+        12 * stage.params
+
+
+def test_sgtm_plan_prints_the_moe_layout(capsys):
+    from megatron_sgtm.plan_cli import main
+
+    assert main([str(ROOT / "configs/train/moe_1b7b_h100x8.yaml"), "--gpus", "8"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "64 swiglu experts of width 1024, top-8, EP 8" in out and "routed experts" in out

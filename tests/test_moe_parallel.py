@@ -9,6 +9,8 @@
 - The public-API proofs at EP 2: forget-content invariance for both forget-routing choices,
   and per-label isolation, with each EP rank holding its own label mix.
 - A checkpoint saved at EP 2 is read by the post-training loader at EP 1, bit for bit.
+- ``sgtm plan`` counts each EP rank's parameters exactly, and its saved-activation estimate
+  (balanced routing) is within 12% of what autograd saves on each rank.
 """
 from __future__ import annotations
 
@@ -85,3 +87,18 @@ def test_tensor_times_expert_parallel_equals_single_process(one):
     for key, result in four.items():
         _compare(result, one["steps"][key], f"TP 2 x EP 2 {key}")
     _check_forget_only(four, "tp2_ep2")
+
+
+@pytest.mark.parametrize("layout", ["ep1", "ep2"])
+def test_plan_counts_expert_parallel_memory(one, two, layout):
+    from _workers_moe import core_config
+
+    for family, got in {"ep1": one, "ep2": two}[layout]["plan"].items():
+        assert got["params"] == got["plan_params"], (layout, family)
+        model = core_config(family).model
+        # On CPU torch's composite rms_norm also saves its fp32 normalised input (see
+        # test_plan.py); the plan counts CUDA's fused kernel.
+        composite = (2 * model.num_layers + 1) * 4 * 4 * model.seq_length * model.hidden_size \
+            if model.normalization == "RMSNorm" else 0
+        expected = got["plan_saved"] + composite
+        assert 0.88 * got["saved"] <= expected <= 1.12 * got["saved"], (layout, family, got)
