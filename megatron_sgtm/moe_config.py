@@ -62,6 +62,10 @@ class MoEConfig:
             out.append("aux_loss_coeff and z_loss_coeff must be >= 0")
         if self.pre_softmax and self.score_function != "softmax":
             out.append("pre_softmax applies to score_function softmax only")
+        if self.top_k == 1 and self.score_function == "softmax" and not self.pre_softmax:
+            out.append("top_k 1 with a softmax over the chosen expert weights it 1 whatever the "
+                       "logits (the router would learn nothing): set pre_softmax true, or use "
+                       "score_function sigmoid")
         return out
 
 

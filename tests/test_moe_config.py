@@ -42,6 +42,7 @@ def _one_problem(overrides, loader=None):
     (["model.moe.dispatcher=alltoall"], "dispatcher alltoall needs expert_parallel > 1"),
     (["partition.forget_mlp_units=8"], "no dense MLP to hold forget units"),
     (["model.moe.top_k=9"], "top_k 9 exceeds num_experts 8"),
+    (["model.moe.top_k=1"], "top_k 1 with a softmax over the chosen expert"),
 ])
 def test_bad_moe_configs_give_one_clear_error(overrides, message):
     assert message in _one_problem(overrides)
@@ -62,6 +63,17 @@ def test_deepspeed_and_process_counts_are_refused_for_moe():
     assert cfg.batch_plan(2) == (2, 2)
     with pytest.raises(ConfigError, match="not divisible by expert_parallel 2"):
         cfg.batch_plan(1)
+
+
+def test_alltoall_dispatcher_is_refused_without_cuda():
+    from megatron_sgtm.train.errors import TrainError
+    from megatron_sgtm.train.fastpath import check_device
+
+    cfg = load_experiment(None, ["data.dir=x"] + MOE + ["expert_parallel=2",
+                                                         "model.moe.dispatcher=alltoall"])
+    check_device(cfg, cuda=True)
+    with pytest.raises(TrainError, match="alltoall needs CUDA"):
+        check_device(cfg, cuda=False)
 
 
 def test_sgtm_train_refuses_a_bad_moe_config_before_starting(capsys):
