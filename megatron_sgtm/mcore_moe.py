@@ -85,9 +85,14 @@ class SGTMRouter(TopKRouter):
     forced: bool = False
 
     def _expert_flags(self, ids, device) -> torch.Tensor:
-        flags = torch.zeros(self.num_experts, dtype=torch.bool, device=device)
-        flags[list(ids)] = True
-        return flags
+        """[E] bool, True at ``ids``; built once per id set and device (no per-step copy)."""
+        cache = self.__dict__.setdefault("_flag_cache", {})
+        key = (tuple(ids), str(device))
+        if key not in cache:
+            flags = torch.zeros(self.num_experts, dtype=torch.bool)
+            flags[list(ids)] = True
+            cache[key] = flags.to(device)
+        return cache[key]
 
     def _labels(self, positions: int, device):
         """(forget, retain) flags per token in megatron's [s, b] order, or (None, None)."""

@@ -23,15 +23,10 @@ FORGET_ONLY = [[2, 2, 2, 2]] * 6
 LAYOUTS = {"ep1": (1, 1, 1), "ep2": (2, 1, 2), "tp2_ep2": (4, 2, 2)}
 
 
-def micro_batches(mixes, seq: int = 8, vocab: int = 96, seed: int = 5):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for labels in mixes:
-        rows = torch.randint(0, vocab, (len(labels), seq + 1), generator=gen)
-        routing = torch.tensor(labels).unsqueeze(1).expand(len(labels), seq).contiguous()
-        out.append({"tokens": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous(),
-                    "routing_labels": routing, "applied_label": routing.clone()})
-    return out
+def micro_batches(mixes):
+    from _workers_pipeline import micro_batches as batches
+
+    return batches(mixes, seq=8, vocab=96)
 
 
 def experiment(family: str, layout: str, mode: str):

@@ -95,7 +95,7 @@ def test_good_moe_config_loads():
 
 
 def _partition(experts: int, forget: int, **kwargs):
-    cfg = load_config(CoreConfig, None, [f"model.moe={{num_experts: {experts}, top_k: 1}}",
+    cfg = load_config(CoreConfig, None, [f"model.moe={{num_experts: {experts}, top_k: 1, pre_softmax: true}}",
                                          f"partition.forget_experts={forget}",
                                          "partition.forget_mlp_units=0",
                                          "model.add_bias_linear=false"] +
@@ -138,7 +138,7 @@ def test_checkpoint_metadata_has_expert_keys_only_for_moe():
 
 def test_layer_freq_makes_every_kth_block_moe():
     cfg = load_config(CoreConfig, None, ["model.num_layers=5",
-                                         "model.moe={num_experts: 4, top_k: 1, layer_freq: 2}",
+                                         "model.moe={num_experts: 4, top_k: 1, layer_freq: 2, pre_softmax: true}",
                                          "partition.forget_experts=1",
                                          "model.add_bias_linear=false"])
     part = build_partition(cfg.model, cfg.partition, cfg.routing)
