@@ -268,6 +268,36 @@ def bind_moe_layer(mlp: MoELayer, layer: int, partition, routing, ep: int, ep_ra
                 linear_rule(routing.method, routing.variant, role), ())
 
 
+@torch.no_grad()
+def init_experts(model, config, seed: int, tp: int, tp_rank: int, ep_rank: int) -> None:
+    """Initialise every routed expert from ``seed``, its block and its global id, with
+    megatron's init methods (fc1: ``init_method``, fc2: ``output_layer_init_method``) on the
+    full expert, then this rank's TP shard. megatron draws local experts from one stream per
+    rank, so EP ranks would start with the same experts (global 0 = global E/EP) and each EP
+    size with different ones; this way every EP x TP layout starts from the same experts."""
+    for layer, mlp in moe_layers_of(model):
+        experts = mlp.experts
+        for i, expert in enumerate(experts.local_experts):
+            global_id = ep_rank * experts.num_local_experts + i
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((seed * 1_000_003 + layer * 65_537 + global_id) % 2 ** 63)
+                _init_full_then_shard(expert.linear_fc1.weight, config.init_method, 0, tp,
+                                      tp_rank, gated=config.gated_linear_unit)
+                _init_full_then_shard(expert.linear_fc2.weight, config.output_layer_init_method,
+                                      1, tp, tp_rank, gated=False)
+
+
+def _init_full_then_shard(weight, init_method, dim: int, tp: int, rank: int, gated: bool):
+    shape = list(weight.shape)
+    shape[dim] *= tp
+    full = torch.empty(shape, dtype=torch.float32)
+    init_method(full)
+    # A gated fc1 is [gate; up] in full and [gate_local; up_local] on each rank.
+    halves = full.chunk(2, dim) if gated else (full,)
+    local = torch.cat([half.chunk(tp, dim)[rank] for half in halves], dim)
+    weight.copy_(local.to(weight.dtype))
+
+
 def moe_layers_of(model):
     """``(global layer index, MoELayer)`` for this chunk's MoE blocks."""
     for layer in model.decoder.layers:

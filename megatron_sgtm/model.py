@@ -83,8 +83,7 @@ def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool,
         # wrong way round (with two stages, next and previous are the same rank, and the
         # interleaved schedule sends both ways at once): equal shapes, silently swapped.
         batch_p2p_comm=False,
-        # megatron fuses an expert's bias, activation and routing weight for SwiGLU only.
-        bias_activation_fusion=use_gpu and model.add_bias_linear and (model.moe is None or swiglu),
+        bias_activation_fusion=use_gpu and model.add_bias_linear,
         bias_dropout_fusion=use_gpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -294,7 +293,11 @@ def build_model_chunks(core: CoreConfig) -> list[SGTMGPTModel]:
             position_embedding_type="rope" if core.model.position_embedding == "rope"
             else "learned_absolute",
             rotary_base=core.model.rotary_base, parallel_output=True, vp_stage=vp_stage)
-        bind_routing(model, partition, core, tp, parallel_state.get_tensor_model_parallel_rank())
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        bind_routing(model, partition, core, tp, tp_rank)
+        if core.model.moe is not None:  # the same experts at every EP x TP layout
+            mcore_moe.init_experts(model, config, torch.initial_seed(), tp, tp_rank,
+                                   parallel_state.get_expert_model_parallel_rank())
         model.partition = partition
         if config.bf16:
             # params_dtype reaches only the layers that read it; position embeddings and the

@@ -91,6 +91,18 @@ def run_steps(layout: str, families, states: dict) -> dict:
     return out
 
 
+def expert_init(family: str, tp: int = 1, ep: int = 1) -> dict:
+    """The routed experts a freshly built model starts with (seed 11), full layout."""
+    from _workers_moe import core_config
+    from megatron_sgtm.model import build_model
+
+    core = core_config(family, tp=tp, ep=ep)
+    torch.manual_seed(11)
+    model = build_model(core)
+    named = {n: p.detach() for n, p in model.named_parameters() if ".local_experts." in n}
+    return gather(named, core)
+
+
 def save_checkpoint(family: str, full: dict, path: str) -> dict:
     """A checkpoint of the model after one EP 2 step and an update (so it differs from
     ``full``), saved at its own layout; returns its parameters in the full layout."""
@@ -117,6 +129,7 @@ def world_two(rank, world, states, checkpoint_dir):
     out["saved"] = save_checkpoint("swiglu_shared", states["swiglu_shared"], checkpoint_dir)
     out.update(world_ep(rank, world, states, ep=2))
     out["plan"] = {family: plan_check(family, "ep2") for family in FAMILIES}
+    out["init"] = {family: expert_init(family, ep=2) for family in FAMILIES}
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
@@ -133,12 +146,14 @@ def world_one(rank, world):
     init_parallel(1, seed=0)
     states = {family: initial_state(family) for family in FAMILIES}
     return {"states": states, "steps": run_steps("ep1", FAMILIES, states),
-            "plan": {family: plan_check(family, "ep1") for family in FAMILIES}}
+            "plan": {family: plan_check(family, "ep1") for family in FAMILIES},
+            "init": {family: expert_init(family) for family in FAMILIES}}
 
 
 def world_four(rank, world, states):
     """TP 2 x EP 2 with sequence parallelism (4 processes)."""
     out = run_steps("tp2_ep2", ["swiglu_shared"], states)
+    out["init"] = expert_init("swiglu_shared", tp=2, ep=2)
     return out if rank == 0 else None
 
 

@@ -8,6 +8,7 @@
   slices) at exactly zero, on every layout.
 - The public-API proofs at EP 2: forget-content invariance for both forget-routing choices,
   and per-label isolation, with each EP rank holding its own label mix.
+- A model built at EP 2 (and TP 2 x EP 2) starts with the single process's experts.
 - A checkpoint saved at EP 2 is read by the post-training loader at EP 1, bit for bit.
 - ``sgtm plan`` counts each EP rank's parameters exactly, and its saved-activation estimate
   (balanced routing) is within 12% of what autograd saves on each rank.
@@ -72,6 +73,19 @@ def test_forget_content_invariance_and_isolation_at_ep2(two):
     check_isolation(two["isolation"], "EP 2")
 
 
+def _check_same_experts(ours: dict, ref: dict, what: str) -> None:
+    assert ours.keys() == ref.keys(), what
+    for name, tensor in ref.items():
+        assert torch.equal(ours[name], tensor), f"{what}: {name} starts differently"
+    first = "decoder.layers.0.mlp.experts.local_experts.{}.linear_fc1.weight"
+    assert not torch.equal(ref[first.format(0)], ref[first.format(2)]), "experts start alike"
+
+
+def test_experts_start_equal_at_every_expert_parallel_size(one, two):
+    for family in one["init"]:
+        _check_same_experts(two["init"][family], one["init"][family], f"EP 2 {family}")
+
+
 def test_checkpoint_saved_at_ep2_loads_at_ep1(one, two):
     saved, loaded = two["saved"], two["loaded"]
     assert saved.keys() == loaded.keys()
@@ -84,6 +98,7 @@ def test_checkpoint_saved_at_ep2_loads_at_ep1(one, two):
 def test_tensor_times_expert_parallel_equals_single_process(one):
     """TP 2 x EP 2 with sequence parallelism, 4 processes: every case in one grouped run."""
     four = run_distributed(world_four, 4, one["states"], timeout=1200)[0]
+    _check_same_experts(four.pop("init"), one["init"]["swiglu_shared"], "TP 2 x EP 2")
     for key, result in four.items():
         _compare(result, one["steps"][key], f"TP 2 x EP 2 {key}")
     _check_forget_only(four, "tp2_ep2")
