@@ -178,3 +178,16 @@ def test_sgtm_plan_prints_the_moe_layout(capsys):
     assert main([str(ROOT / "configs/train/moe_1b7b_h100x8.yaml"), "--gpus", "8"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "64 swiglu experts of width 1024, top-8, EP 8" in out and "routed experts" in out
+
+
+def test_mixtral_export_refuses_what_mixtral_cannot_express():
+    from megatron_sgtm.post.export_hf import ExportError, to_mixtral
+
+    core = load_config(CoreConfig, None, MOE + [
+        "model.moe.shared_expert=32", "model.moe.score_function=sigmoid", "model.num_layers=2",
+        "model.moe.layer_freq=2", "partition.forget_mlp_units=8"])
+    with pytest.raises(ExportError) as err:
+        to_mixtral({}, core)
+    for why in ("every block must be an MoE block", "no shared expert",
+                "softmax over their logits"):
+        assert why in str(err.value)
