@@ -28,7 +28,8 @@ FAMILIES = {
         "partition.forget_heads=2", "partition.forget_mlp_units=0", "partition.forget_experts=2",
         "partition.max_tp=2"],
     # MHA + GELU + LayerNorm + learned positions, tied embeddings; block 0 MoE (top-1
-    # sigmoid), block 1 dense with forget MLP units.
+    # sigmoid), block 1 dense with forget MLP units. The paper's "last" placement: both
+    # forget experts on the last EP rank (global ids differ from local ones there).
     "gelu_dense": [
         "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
         "model.ffn_hidden_size=64", "model.vocab_size=96", "model.seq_length=8",
@@ -36,7 +37,7 @@ FAMILIES = {
         "model.moe={num_experts: 4, top_k: 1, layer_freq: 2, score_function: sigmoid, "
         "aux_loss_coeff: 0.01}",
         "partition.forget_heads=2", "partition.forget_mlp_units=8", "partition.forget_experts=2",
-        "partition.max_tp=2"],
+        "partition.max_tp=2", "partition.placement=last"],
 }
 MODES = ("learned", "forced")
 SEQ_LABELS = [0, 1, 2, 2, 1, 0]
