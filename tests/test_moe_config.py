@@ -191,3 +191,16 @@ def test_mixtral_export_refuses_what_mixtral_cannot_express():
     for why in ("every block must be an MoE block", "no shared expert",
                 "softmax over their logits"):
         assert why in str(err.value)
+
+
+def test_post_hoc_commands_read_an_expert_parallel_alltoall_checkpoint_at_ep1(tmp_path):
+    """A checkpoint trained at EP 2 with the alltoall dispatcher (GPU) is rebuilt at EP 1 with
+    allgather for ablation and evaluation (the dispatcher changes no result)."""
+    from megatron_sgtm.configbase import config_to_dict
+    from megatron_sgtm.post.ckpt_io import core_config
+
+    stored = load_experiment(None, ["data.dir=x"] + MOE + [
+        "expert_parallel=2", "model.moe.dispatcher=alltoall", "model.params_dtype=bf16"])
+    core = core_config({"config": config_to_dict(stored)}, tmp_path, 1)
+    assert (core.expert_parallel, core.model.moe.dispatcher) == (1, "allgather")
+    assert core.model.params_dtype == "fp32" and core.partition.forget_experts == 2

@@ -25,7 +25,7 @@ import torch
 from ..config import CoreConfig, ModelConfig, PartitionConfig, RoutingConfig
 from ..moe_config import MoEConfig
 from ..configbase import ConfigError, config_from_dict, config_to_dict
-from .ckpt_io import PostError
+from .ckpt_io import PostError, post_hoc_model
 
 RECORD_FILE = "sgtm_export.json"
 RECORD_VERSION = 1
@@ -170,7 +170,7 @@ def _core(path: Path, hf_cfg: dict, record: Optional[dict], tp: int) -> CoreConf
                "partition": config_to_dict(PartitionConfig(forget_heads=0, forget_mlp_units=0)),
                "routing": config_to_dict(RoutingConfig(method="none"))}
     raw["tensor_parallel"] = tp
-    raw.setdefault("model", {})["params_dtype"] = "fp32"  # post-hoc work runs in fp32
+    post_hoc_model(raw.setdefault("model", {}))
     try:
         core = config_from_dict(CoreConfig, raw)
     except ConfigError as exc:
