@@ -1,13 +1,16 @@
 """Post-ablation in place: set theta_forget to exactly zero on this rank's shards.
 
 Which linears hold theta_forget depends on the variant (``routing.ablated_roles``); output
-biases and everything outside the blocks stay untouched (SGTM.md section 5).
+biases and everything outside the blocks stay untouched (SGTM.md section 5). In MoE blocks the
+forget experts and their router rows are zeroed and taken out of routing
+(``mcore_moe.remove_forget_experts_``).
 """
 from __future__ import annotations
 
 import torch
 
 from .mcore_layers import SGTMColumnParallelLinear, SGTMRowParallelLinear
+from .mcore_moe import remove_forget_experts_
 from .model import _LINEAR_PATH
 from .routing import ablated_roles
 
@@ -42,4 +45,4 @@ def zero_forget_(model) -> int:
         elif isinstance(module, SGTMRowParallelLinear):
             module.weight.index_fill_(1, index, 0.0)
             zeroed += index.numel() * module.weight.shape[0]
-    return zeroed
+    return zeroed + remove_forget_experts_(model)

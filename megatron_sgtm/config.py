@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .moe_config import MoEConfig, MoEForget, moe_problems
+
 Activation = Literal["gelu", "swiglu"]
 Positions = Literal["learned", "rope"]
 Placement = Literal["block_strided", "last"]
@@ -49,6 +51,8 @@ class ModelConfig:
     # when the forward ran), ``recompute_num_layers`` blocks per checkpoint.
     activation_recompute: Literal["none", "selective", "full"] = "none"
     recompute_num_layers: int = 1
+    # Mixture-of-experts blocks (moe_config.py); None: every block has a dense MLP.
+    moe: Optional[MoEConfig] = None
 
     @property
     def query_groups(self) -> int:
@@ -109,9 +113,17 @@ class PartitionConfig:
     # Block-strided placement makes the global forget set identical for every TP size that
     # divides max_tp; larger TP sizes are refused.
     max_tp: int = 8
+    # Forget experts in every MoE block (model.moe), placed like the units: block-strided over
+    # max_ep blocks, so every expert_parallel size dividing max_ep holds as many per rank.
+    forget_experts: int = 0
+    max_ep: int = 8
 
     def problems(self) -> list[str]:
         out = []
+        if self.forget_experts < 0:
+            out.append(f"forget_experts: must be >= 0, got {self.forget_experts}")
+        if self.max_ep <= 0:
+            out.append(f"max_ep: must be positive, got {self.max_ep}")
         if self.forget_heads < 0:
             out.append(f"forget_heads: must be >= 0, got {self.forget_heads}")
         if self.forget_mlp_units < 0:
@@ -131,6 +143,10 @@ class RoutingConfig:
     variant: Variant = "default"
     # Embeddings (and an untied output layer) and the per-block norms become retain parameters.
     mask_embeddings: bool = False
+    # MoE blocks: forget tokens choose their experts with the learned router over all
+    # experts (retain experts then learn nothing from them), or are forced to the forget
+    # experts (docs/moe.md).
+    moe_forget: MoEForget = "learned"
 
     def problems(self) -> list[str]:
         out = []
@@ -157,6 +173,8 @@ class CoreConfig:
     # Pipeline stages, and model chunks per stage for megatron's interleaved schedule.
     pipeline_parallel: int = 1
     virtual_pipeline_parallel: Optional[int] = None
+    # Expert-parallel ranks sharing each MoE block's experts (carved out of data parallelism).
+    expert_parallel: int = 1
 
     @property
     def model_parallel(self) -> int:
@@ -204,8 +222,14 @@ class CoreConfig:
             out.append(f"tensor_parallel: must be positive, got {self.tensor_parallel}")
             return out
         out += self.layout_problems()
+        moe = moe_problems(self)
+        out += moe
+        if moe:  # the partition's expert layout would only repeat them
+            return out
         try:
-            build_partition(self.model, self.partition, self.routing).check_tp(self.tensor_parallel)
+            partition = build_partition(self.model, self.partition, self.routing)
+            partition.check_tp(self.tensor_parallel)
+            partition.check_ep(self.expert_parallel)
         except PartitionError as exc:
             out.append(str(exc))
         return out

@@ -34,6 +34,8 @@ import torch
 
 BLOCK = 64
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+# An MoE block's routed experts: local index on this expert-parallel rank.
+_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 TIED_EMBEDDING = "embedding.word_embeddings.weight"
 
 
@@ -56,23 +58,32 @@ def rule_for(name: str, init_std: float, num_layers: int) -> Rule:
     if re.search(r"\.linear_(proj|fc2)\.weight$", name):
         return Rule("normal", init_std / math.sqrt(2.0 * num_layers))
     if re.search(r"(\.linear_(qkv|fc1)\.weight|^embedding\.(word|position)_embeddings\.weight"
-                 r"|^output_layer\.weight)$", name):
+                 r"|^output_layer\.weight|\.mlp\.router\.weight)$", name):
         return Rule("normal", init_std)
     raise InitError(f"no initialisation rule for parameter {name!r} (add one in "
                     "megatron_sgtm/init.py)")
 
 
-def global_names(chunk) -> dict[str, str]:
-    """This chunk's parameter names -> global names (layers numbered over all stages; the
-    last stage's copy of tied embeddings named as the embedding it copies)."""
-    numbers = [layer.layer_number - 1 for layer in chunk.decoder.layers]
+def global_names(chunk, ep_rank: int = 0) -> dict[str, str]:
+    """This chunk's parameter names -> global names (layers numbered over all stages, routed
+    experts by their global id over expert-parallel ranks; the last stage's copy of tied
+    embeddings named as the embedding it copies)."""
+    layers = list(chunk.decoder.layers)
+    numbers = [layer.layer_number - 1 for layer in layers]
     copy = chunk.post_process and not chunk.pre_process and \
         chunk.share_embeddings_and_output_weights
     out = {}
     for name, _ in chunk.named_parameters():
         match = _LAYER.match(name)
         if match:
-            out[name] = _LAYER.sub(f"decoder.layers.{numbers[int(match.group(1))]}.", name)
+            local_layer = int(match.group(1))
+            name_out = _LAYER.sub(f"decoder.layers.{numbers[local_layer]}.", name)
+            expert = _EXPERT.search(name_out)
+            if expert:
+                first = ep_rank * layers[local_layer].mlp.experts.num_local_experts
+                name_out = _EXPERT.sub(
+                    f".mlp.experts.local_experts.{first + int(expert.group(1))}.", name_out)
+            out[name] = name_out
         elif copy and name == "output_layer.weight":
             out[name] = TIED_EMBEDDING
         else:
@@ -117,12 +128,22 @@ def draw_normal(seed: int, name: str, dim: int, total: int, indices: list[int],
     return out.movedim(0, dim)
 
 
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where this rank's routed experts sit: its expert-parallel rank, and the tensor
+    parallelism that splits each expert (megatron's expert TP, by default the model's)."""
+    ep_rank: int = 0
+    tp: int = 1
+    tp_rank: int = 0
+
+
 @torch.no_grad()
 def initialize_chunks(chunks: Iterable, seed: int, init_std: float, num_layers: int,
-                      tp: int, tp_rank: int) -> None:
-    """Overwrite every parameter of this rank's model chunks with its layout-free value."""
+                      tp: int, tp_rank: int, experts: ExpertLayout = ExpertLayout()) -> None:
+    """Overwrite every parameter of this rank's model chunks with its layout-free value (a
+    routed expert's by its global id, so every EP size starts from the same experts)."""
     for chunk in chunks:
-        names = global_names(chunk)
+        names = global_names(chunk, experts.ep_rank)
         for local_name, param in chunk.named_parameters():
             name = names[local_name]
             rule = rule_for(name, init_std, num_layers)
@@ -131,7 +152,8 @@ def initialize_chunks(chunks: Iterable, seed: int, init_std: float, num_layers: 
             elif rule.kind == "zeros":
                 param.zero_()
             else:
-                dim, total, indices = shard_indices(param, tp, tp_rank)
+                split = (experts.tp, experts.tp_rank) if _EXPERT.search(name) else (tp, tp_rank)
+                dim, total, indices = shard_indices(param, *split)
                 rest = tuple(param.shape[:dim]) + tuple(param.shape[dim + 1:])
                 values = draw_normal(seed, name, dim, total, indices, rest)
                 param.copy_(values.mul_(rule.std))

@@ -5,6 +5,8 @@ torch SDPA core attention (TE attention when Transformer Engine is installed and
 and a bias-dropout-add whose masks are keyed by sample and layer (``dropout.py``). After
 construction every parameter gets its layout-free initial value (``init.py``), and
 ``bind_routing`` tells every linear its role, layer and local forget units.
+MoE blocks (``model.moe``) take their MLP spec and routing rules from ``mcore_moe.py``
+(the hook is ``_mlp_spec`` / ``_bind_mlp`` below).
 """
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ from megatron.core.transformer.transformer_block import (TransformerBlock,
                                                         TransformerBlockSubmodules,
                                                         get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (TransformerLayer,
+                                                        TransformerLayerSubmodules,
+                                                        get_transformer_layer_offset)
 
 from .config import CoreConfig, ModelConfig
+from . import mcore_moe
 from .cpu_shims import apply_cpu_shims
 from .dropout import KeyedBiasDropoutAdd, bind_dropout
-from .init import initialize_chunks, resolve_seed
+from .init import ExpertLayout, initialize_chunks, resolve_seed
 from .mcore_layers import (
     RoutedNorm,
     SDPACoreAttention,
@@ -45,7 +50,8 @@ _LINEAR_PATH = re.compile(r"decoder\.layers\.(\d+)\.(self_attention\.linear_(qkv
 
 def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool,
                        sequence_parallel: bool = False, pipeline_parallel: int = 1,
-                       virtual_pipeline_parallel: int | None = None) -> TransformerConfig:
+                       virtual_pipeline_parallel: int | None = None,
+                       expert_parallel: int = 1) -> TransformerConfig:
     swiglu = model.activation == "swiglu"
     bf16 = model.dtype_on(use_gpu) == "bf16"
     full_recompute = model.activation_recompute == "full"
@@ -90,10 +96,21 @@ def transformer_config(model: ModelConfig, tp: int, *, use_gpu: bool,
         else model.activation_recompute,
         recompute_method="uniform" if full_recompute else None,
         recompute_num_layers=model.recompute_num_layers if full_recompute else None,
+        **mcore_moe.transformer_kwargs(model, expert_parallel),
     )
 
 
-def layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
+def _mlp_spec(model: ModelConfig | None, layer: int) -> ModuleSpec:
+    """The MLP of global block ``layer``: megatron's MoE layer in MoE blocks, else the dense
+    MLP with SGTM linears."""
+    if model is not None and model.moe is not None and model.moe.is_moe_layer(layer):
+        return mcore_moe.layer_mlp_spec(model)
+    return ModuleSpec(module=MLP, submodules=MLPSubmodules(
+        linear_fc1=SGTMColumnParallelLinear, linear_fc2=SGTMRowParallelLinear))
+
+
+def layer_spec(attention_backend: str = "sdpa", model: ModelConfig | None = None,
+               layer: int = 0) -> ModuleSpec:
     core_attention = SDPACoreAttention
     if attention_backend == "te":
         import importlib.util
@@ -121,22 +138,22 @@ def layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
             ),
             self_attn_bda=KeyedBiasDropoutAdd,
             pre_mlp_layernorm=RoutedNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
-                linear_fc1=SGTMColumnParallelLinear, linear_fc2=SGTMRowParallelLinear)),
+            mlp=_mlp_spec(model, layer),
             mlp_bda=KeyedBiasDropoutAdd,
         ),
     )
 
 
 def block_spec(config: TransformerConfig, attention_backend: str = "sdpa",
-               vp_stage: int | None = None) -> ModuleSpec:
+               vp_stage: int | None = None, model: ModelConfig | None = None) -> ModuleSpec:
     """The decoder block: this pipeline chunk's layers, and a ``RoutedNorm`` as the final norm
     (never masked: it is joint), which unlike megatron's torch-norm wrapper supports sequence
     parallelism."""
-    layer = layer_spec(attention_backend)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    layers = [layer_spec(attention_backend, model, offset + i) for i in range(count)]
     return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
-        layer_specs=[layer] * count, layer_norm=RoutedNorm))
+        layer_specs=layers, layer_norm=RoutedNorm))
 
 
 class SGTMGPTModel(GPTModel):
@@ -197,6 +214,17 @@ def decoder_layers(model: SGTMGPTModel):
         yield layer.layer_number - 1, layer
 
 
+def _bind_mlp(layer, index: int, partition: Partition, core: CoreConfig) -> dict:
+    """Bind an MoE block's MLP here (its rules are mcore_moe's); a dense MLP's two linears are
+    returned to be bound with the attention's."""
+    if mcore_moe.is_moe(layer):
+        mcore_moe.bind_moe_layer(layer.mlp, index, partition, core.routing,
+                                 parallel_state.get_expert_model_parallel_world_size(),
+                                 parallel_state.get_expert_model_parallel_rank())
+        return {}
+    return {"fc1": layer.mlp.linear_fc1, "fc2": layer.mlp.linear_fc2}
+
+
 def bind_routing(model: SGTMGPTModel, partition: Partition, core: CoreConfig,
                  tp: int, tp_rank: int) -> None:
     """Give every routable module its rule and local forget units (by global layer index)."""
@@ -204,7 +232,7 @@ def bind_routing(model: SGTMGPTModel, partition: Partition, core: CoreConfig,
     local = partition.local(tp, tp_rank)
     for index, layer in decoder_layers(model):
         linears = {"qkv": layer.self_attention.linear_qkv, "proj": layer.self_attention.linear_proj,
-                   "fc1": layer.mlp.linear_fc1, "fc2": layer.mlp.linear_fc2}
+                   **_bind_mlp(layer, index, partition, core)}
         for role, module in linears.items():
             units = local.units(role) if partition.has_forget_units(index) else ()
             module.bind(linear_rule(method, variant, role), units)
@@ -222,11 +250,21 @@ def bind_routing(model: SGTMGPTModel, partition: Partition, core: CoreConfig,
 def _check_groups(core: CoreConfig) -> tuple[int, int]:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if (tp, pp) != (core.tensor_parallel, core.pipeline_parallel):
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    if (tp, pp, ep) != (core.tensor_parallel, core.pipeline_parallel, core.expert_parallel):
         raise ValueError(f"config says tensor_parallel={core.tensor_parallel}, "
-                         f"pipeline_parallel={core.pipeline_parallel} but the process groups "
-                         f"have {tp} and {pp} ranks")
+                         f"pipeline_parallel={core.pipeline_parallel}, expert_parallel="
+                         f"{core.expert_parallel} but the process groups have {tp}, {pp} and "
+                         f"{ep} ranks")
     return tp, pp
+
+
+def _expert_layout(core: CoreConfig) -> ExpertLayout:
+    if core.model.moe is None:
+        return ExpertLayout()
+    return ExpertLayout(parallel_state.get_expert_model_parallel_rank(),
+                        parallel_state.get_expert_tensor_parallel_world_size(),
+                        parallel_state.get_expert_tensor_parallel_rank())
 
 
 def build_model_chunks(core: CoreConfig, seed: int | None = None) -> list[SGTMGPTModel]:
@@ -246,18 +284,20 @@ def build_model_chunks(core: CoreConfig, seed: int | None = None) -> list[SGTMGP
         install_routed_recompute()
     partition = build_partition(core.model, core.partition, core.routing)
     partition.check_tp(tp)
+    partition.check_ep(core.expert_parallel)
     vp = core.virtual_pipeline_parallel
     seed = resolve_seed(seed)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     config = transformer_config(core.model, tp, use_gpu=use_gpu,
                                 sequence_parallel=core.sequence_parallel, pipeline_parallel=pp,
-                                virtual_pipeline_parallel=vp)
+                                virtual_pipeline_parallel=vp, expert_parallel=core.expert_parallel)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp else None
         model = SGTMGPTModel(
             config=config, core=core,
-            transformer_layer_spec=block_spec(config, core.model.attention_backend, vp_stage),
+            transformer_layer_spec=block_spec(config, core.model.attention_backend, vp_stage,
+                                              core.model),
             vocab_size=core.model.vocab_size, max_sequence_length=core.model.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
                                                                 vp_stage=vp_stage),
@@ -267,7 +307,8 @@ def build_model_chunks(core: CoreConfig, seed: int | None = None) -> list[SGTMGP
             position_embedding_type="rope" if core.model.position_embedding == "rope"
             else "learned_absolute",
             rotary_base=core.model.rotary_base, parallel_output=True, vp_stage=vp_stage)
-        initialize_chunks([model], seed, core.model.init_std, core.model.num_layers, tp, tp_rank)
+        initialize_chunks([model], seed, core.model.init_std, core.model.num_layers, tp, tp_rank,
+                          _expert_layout(core))
         bind_dropout(model, seed)
         bind_routing(model, partition, core, tp, tp_rank)
         model.partition = partition

@@ -1,4 +1,5 @@
-"""Process groups: torch.distributed + megatron-core parallel_state (DP x PP x TP)."""
+"""Process groups: torch.distributed + megatron-core parallel_state (DP x PP x TP, and the
+expert-parallel groups of MoE models, carved out of DP)."""
 from __future__ import annotations
 
 import os
@@ -25,9 +26,11 @@ def collective_device(group=None) -> torch.device:
 
 def init_parallel(tensor_parallel: int, seed: int, backend: str | None = None,
                   pipeline_parallel: int = 1,
-                  virtual_pipeline_parallel: int | None = None) -> None:
+                  virtual_pipeline_parallel: int | None = None,
+                  expert_parallel: int = 1) -> None:
     """Initialise torch.distributed from the torchrun environment and megatron's TP/PP/DP
-    groups (megatron's rank order: TP fastest, then DP, then PP)."""
+    groups (megatron's rank order: TP fastest, then DP, then PP). ``expert_parallel`` ranks of
+    each data-parallel group share an MoE block's experts (expert TP = TP)."""
     if not torch.cuda.is_available():
         apply_cpu_shims()
     if not dist.is_initialized():
@@ -38,11 +41,15 @@ def init_parallel(tensor_parallel: int, seed: int, backend: str | None = None,
     if world % (tensor_parallel * pipeline_parallel):
         raise ValueError(f"world size {world} is not divisible by tensor_parallel "
                          f"{tensor_parallel} x pipeline_parallel {pipeline_parallel}")
+    if (world // (tensor_parallel * pipeline_parallel)) % expert_parallel:
+        raise ValueError(f"the data-parallel size {world // (tensor_parallel * pipeline_parallel)}"
+                         f" is not divisible by expert_parallel {expert_parallel}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
-            virtual_pipeline_model_parallel_size=virtual_pipeline_parallel)
+            virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
+            expert_model_parallel_size=expert_parallel)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
 

@@ -9,6 +9,9 @@ Layouts (megatron-core 0.16.1):
 - ``linear_fc1`` rows are the local MLP units; with a gated activation the local shard is
   ``[gate_local; up_local]``.
 - ``linear_fc2`` columns are the local MLP units.
+- MoE blocks (``model.moe``): experts are whole units. Expert-parallel rank r holds experts
+  ``[r*E/ep, (r+1)*E/ep)`` as ``local_experts.{e - r*E/ep}``; the router's rows are the
+  experts in global order on every rank.
 """
 from __future__ import annotations
 
@@ -104,6 +107,40 @@ class Partition:
     layers: tuple[int, ...]
     placement: str
     max_tp: int
+    # MoE blocks: experts per block, the global forget expert ids, the MoE blocks and those
+    # of them holding forget experts (moe_layers x layers).
+    num_experts: int = 0
+    forget_experts: tuple[int, ...] = ()
+    moe_layers: tuple[int, ...] = ()
+    max_ep: int = 8
+
+    @property
+    def expert_layers(self) -> tuple[int, ...]:
+        return tuple(layer for layer in self.moe_layers if layer in self.layers)
+
+    def has_forget_experts(self, layer: int) -> bool:
+        return layer in self.expert_layers
+
+    def local_forget_experts(self, ep: int, rank: int) -> tuple[int, ...]:
+        """Local indices (``local_experts.{i}``) of the forget experts on EP rank ``rank``."""
+        self.check_ep(ep)
+        per_rank = self.num_experts // ep
+        return tuple(e - rank * per_rank for e in self.forget_experts
+                     if rank * per_rank <= e < (rank + 1) * per_rank)
+
+    def check_ep(self, ep: int) -> None:
+        if not self.num_experts:
+            return
+        if self.num_experts % ep:
+            raise PartitionError(f"num_experts = {self.num_experts} is not divisible by "
+                                 f"expert_parallel = {ep}")
+        if self.placement == "block_strided":
+            counts = self._rank_counts(self.num_experts, self.forget_experts, ep)
+            if len(set(counts)) > 1:
+                raise PartitionError(
+                    f"{len(self.forget_experts)} forget experts cannot be split evenly over "
+                    f"expert_parallel = {ep} ranks (per-rank counts would be {counts}); use a "
+                    f"forget expert count divisible by {ep}")
 
     def has_forget_units(self, layer: int) -> bool:
         return layer in self.layers
@@ -117,6 +154,9 @@ class Partition:
             "placement": self.placement,
             "query_groups": self.query_groups,
             "mlp_units": self.mlp_units,
+            # MoE keys only for MoE models, so dense checkpoints keep their metadata.
+            **({"forget_experts": list(self.forget_experts), "num_experts": self.num_experts,
+                "moe_layers": list(self.moe_layers)} if self.num_experts else {}),
         }
 
     def _rank_counts(self, num_units: int, ids: tuple[int, ...], tp: int) -> list[int]:
@@ -188,19 +228,35 @@ def build_partition(model, partition, routing=None) -> Partition:
     bad = [layer for layer in layers if not 0 <= layer < model.num_layers]
     if bad:
         problems.append(f"partition.layers {bad} outside 0..{model.num_layers - 1}")
+    moe = getattr(model, "moe", None)
+    moe_layers = () if moe is None else tuple(
+        i for i in range(model.num_layers) if moe.is_moe_layer(i))
+    num_experts = 0 if moe is None else moe.num_experts
+    forget_experts = getattr(partition, "forget_experts", 0)
+    if moe is not None and len(moe_layers) == model.num_layers and partition.forget_mlp_units:
+        problems.append(f"forget_mlp_units = {partition.forget_mlp_units}: every block is an "
+                        "MoE block, so there is no dense MLP to hold forget units (set it to 0; "
+                        "partition.forget_experts sets the forget experts)")
+    if forget_experts >= max(num_experts, 1):
+        problems.append(f"forget_experts = {forget_experts} needs more experts than that "
+                        f"(model.moe.num_experts = {num_experts})")
     if problems:
         raise PartitionError("; ".join(problems))
+    max_ep = getattr(partition, "max_ep", 8)
     if partition.placement == "last":
         groups_ids = last_ids(groups, forget_heads)
         mlp_ids = last_ids(model.ffn_hidden_size, partition.forget_mlp_units)
+        expert_ids = last_ids(num_experts, forget_experts)
     else:
         groups_ids = block_strided_ids(groups, forget_heads, partition.max_tp)
         mlp_ids = block_strided_ids(model.ffn_hidden_size, partition.forget_mlp_units,
                                     partition.max_tp)
+        expert_ids = block_strided_ids(num_experts, forget_experts, max_ep) if num_experts else ()
     return Partition(
         num_layers=model.num_layers, query_groups=groups,
         heads_per_group=model.num_attention_heads // groups,
         head_dim=getattr(model, "kv_channels", None) or model.hidden_size // model.num_attention_heads,
         mlp_units=model.ffn_hidden_size, gated_mlp=model.activation == "swiglu",
         forget_groups=groups_ids, forget_mlp=mlp_ids, layers=layers,
-        placement=partition.placement, max_tp=partition.max_tp)
+        placement=partition.placement, max_tp=partition.max_tp, num_experts=num_experts,
+        forget_experts=expert_ids, moe_layers=moe_layers, max_ep=max_ep)

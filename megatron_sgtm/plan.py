@@ -20,6 +20,9 @@ What is counted, per GPU, for megatron-core 0.16.1 as this project builds it:
   one checkpoint's working set. Each stage holds as many micro-batches as megatron's 1F1B or
   interleaved schedule has in flight there; the last adds the logits and cross-entropy buffers.
 
+MoE blocks (``model.moe``) are counted by ``plan_moe.py``: experts per expert-parallel rank,
+routing and expert activations, and the token dispatcher's buffers.
+
 Not modelled (hence the headroom): the CUDA context and NCCL buffers, allocator fragmentation,
 transient gradient buffers during backward, and torch.compile, which may save less than the
 eager count used here.
@@ -29,6 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from typing import Optional
+
+from . import plan_moe
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -53,6 +58,7 @@ class Layout:
     recompute_num_layers: int
     distributed_optimizer: bool
     params_dtype: str           # bf16 | fp32
+    ep: int = 1                 # expert-parallel ranks (carved out of DP)
 
     @property
     def gpus(self) -> int:
@@ -72,7 +78,7 @@ class Layout:
                    recompute=cfg.model.activation_recompute,
                    recompute_num_layers=cfg.model.recompute_num_layers,
                    distributed_optimizer=cfg.engine.distributed_optimizer,
-                   params_dtype=cfg.model.dtype_on(cuda=True))
+                   params_dtype=cfg.model.dtype_on(cuda=True), ep=cfg.expert_parallel)
 
 
 # ------------------------------------------------------------------------------- parameters
@@ -80,17 +86,52 @@ def _norm_params(model) -> int:
     return model.hidden_size * (1 if model.normalization == "RMSNorm" else 2)
 
 
-def layer_params(model, tp: int = 1) -> int:
-    """Parameters of one transformer block on one TP rank."""
+def _attention_params(model, tp: int) -> int:
     h, d = model.hidden_size, model.head_dim
     q, kv = model.num_attention_heads * d, model.query_groups * d
-    fc1_out = model.ffn_hidden_size * (2 if model.activation == "swiglu" else 1)
     bias = model.add_bias_linear
     qkv = (q + 2 * kv) * (h + bias) // tp
     proj = h * q // tp + h * bias                      # row-parallel bias is replicated
+    return 2 * _norm_params(model) + qkv + proj
+
+
+def layer_params(model, tp: int = 1) -> int:
+    """Parameters of one dense transformer block on one TP rank."""
+    h = model.hidden_size
+    fc1_out = model.ffn_hidden_size * (2 if model.activation == "swiglu" else 1)
+    bias = model.add_bias_linear
     fc1 = fc1_out * (h + bias) // tp
     fc2 = h * model.ffn_hidden_size // tp + h * bias
-    return 2 * _norm_params(model) + qkv + proj + fc1 + fc2
+    return _attention_params(model, tp) + fc1 + fc2
+
+
+def is_moe_block(model, layer: int) -> bool:
+    return model.moe is not None and model.moe.is_moe_layer(layer)
+
+
+def block_params(model, layer: int, tp: int = 1, ep: int = 1) -> int:
+    """Parameters of block ``layer`` on one GPU (an MoE block holds E / EP experts)."""
+    if is_moe_block(model, layer):
+        return _attention_params(model, tp) + plan_moe.moe_mlp_params(model, tp, ep)
+    return layer_params(model, tp)
+
+
+def active_block_params(model) -> int:
+    """Parameters of all blocks that one token uses (TP = EP = 1): the model's active N."""
+    return sum(_attention_params(model, 1) + plan_moe.active_moe_mlp_params(model)
+               if is_moe_block(model, i) else layer_params(model)
+               for i in range(model.num_layers))
+
+
+def stage_layers(model, layout: "Layout", stage: int) -> range:
+    per_stage = model.num_layers // layout.pp
+    return range(stage * per_stage, (stage + 1) * per_stage)
+
+
+def stage_expert_params(model, layout: "Layout", stage: int) -> int:
+    """Routed-expert parameters on one GPU of a stage (their optimizer shards over DP / EP)."""
+    return sum(plan_moe.local_expert_params(model, layout.tp, layout.ep)
+               for i in stage_layers(model, layout, stage) if is_moe_block(model, i))
 
 
 def embedding_params(model, tp: int = 1) -> int:
@@ -108,15 +149,16 @@ def head_params(model, tp: int = 1, own_output_weight: bool = True) -> int:
 
 
 def model_params(model) -> int:
-    """Distinct parameters of the whole model (TP = PP = 1)."""
-    return (embedding_params(model) + model.num_layers * layer_params(model)
+    """Distinct parameters of the whole model (TP = PP = EP = 1)."""
+    return (embedding_params(model) + sum(block_params(model, i) for i in range(model.num_layers))
             + head_params(model, own_output_weight=not model.tie_embeddings))
 
 
 def stage_params(model, layout: Layout, stage: int) -> int:
     """Parameters one GPU of pipeline stage ``stage`` holds."""
     first, last = stage == 0, stage == layout.pp - 1
-    n = layer_params(model, layout.tp) * (model.num_layers // layout.pp)
+    n = sum(block_params(model, i, layout.tp, layout.ep)
+            for i in stage_layers(model, layout, stage))
     if first:
         n += embedding_params(model, layout.tp)
     if last:
@@ -126,10 +168,10 @@ def stage_params(model, layout: Layout, stage: int) -> int:
 
 
 # ------------------------------------------------------------------------------ activations
-def layer_activation_terms(model, layout: Layout) -> dict[str, int]:
-    """Bytes one block saves for backward, for one micro-batch on one GPU, without recompute
-    (``selective`` drops only flash attention's softmax statistics: it recomputes core
-    attention from q, k, v, which stay saved as its inputs)."""
+def layer_activation_terms(model, layout: Layout, layer: int = 0) -> dict[str, int]:
+    """Bytes block ``layer`` saves for backward, for one micro-batch on one GPU, without
+    recompute (``selective`` drops only flash attention's softmax statistics: it recomputes
+    core attention from q, k, v, which stay saved as its inputs)."""
     e = DTYPE_BYTES[layout.params_dtype]
     t, s, b = layout.tp, model.seq_length, layout.micro_batch
     tokens = s * b
@@ -153,7 +195,9 @@ def layer_activation_terms(model, layout: Layout) -> dict[str, int]:
         terms["rotary q, k and tables"] = e * tokens * (q + kv) + 4 * e * s * d
     if layout.recompute != "selective":
         terms["softmax statistics"] = 4 * b * (model.num_attention_heads // t) * s
-    if model.activation == "swiglu":
+    if is_moe_block(model, layer):
+        terms.update(plan_moe.moe_activation_terms(model, layout))
+    elif model.activation == "swiglu":
         # Unfused megatron GLU saves fc1's output, silu(gate), a copy of the linear half and
         # their product (fc2's input); with linear biases megatron's fused bias-SwiGLU
         # saves only fc1's output and the product.
@@ -243,13 +287,16 @@ def plan_stage(model, layout: Layout, stage: int) -> StagePlan:
     params = stage_params(model, layout, stage)
     per_chunk = model.num_layers // (layout.pp * layout.chunks)
     chunks_alive = in_flight(layout, stage)
-    per_layer = sum(layer_activation_terms(model, layout).values())
+    layers = stage_layers(model, layout, stage)
+    per_layer = [sum(layer_activation_terms(model, layout, i).values()) for i in layers]
+    # Chunks are assumed alike: the stage's mean block stands for each chunk's blocks.
+    mean_layer = sum(per_layer) // len(per_layer)
     if layout.recompute == "full":
         n = layout.recompute_num_layers
         kept = chunks_alive * (per_chunk // n) * checkpoint_input_bytes(model, layout)
-        activations = kept + n * per_layer       # one checkpoint re-run at a time
+        activations = kept + n * max(per_layer)  # one checkpoint re-run at a time
     else:
-        activations = chunks_alive * per_chunk * per_layer
+        activations = chunks_alive * per_chunk * mean_layer
     micro_batches_alive = min(chunks_alive, layout.micro_batches)
     extras = 0
     if stage == 0:
@@ -258,11 +305,18 @@ def plan_stage(model, layout: Layout, stage: int) -> StagePlan:
         # The last stage runs each micro-batch's backward right after its loss (1F1B's
         # steady state), so one set of logits is alive at a time.
         extras += sum(_head_terms(model, layout).values())
-    opt_full = _optimizer_bytes_per_param(layout) * params
+    if any(is_moe_block(model, i) for i in layers):
+        extras += plan_moe.dispatcher_bytes(model, layout)  # one block's forward at a time
+    per_param = _optimizer_bytes_per_param(layout)
+    opt_full = per_param * params
+    experts = stage_expert_params(model, layout, stage)
+    # Routed experts are reduced (and their optimizer sharded) over DP / EP ranks only.
+    opt_sharded = math.ceil(per_param * (params - experts) / layout.dp) + \
+        math.ceil(per_param * experts / (layout.dp // layout.ep))
     return StagePlan(
         stage=stage, layers=model.num_layers // layout.pp, params=params,
         weights=DTYPE_BYTES[layout.params_dtype] * params, grads=4 * params,
-        optimizer=math.ceil(opt_full / layout.dp) if layout.distributed_optimizer else opt_full,
+        optimizer=opt_sharded if layout.distributed_optimizer else opt_full,
         optimizer_unsharded=opt_full, activations=activations,
         layer_micro_batches=chunks_alive * per_chunk, extras=extras)
 
@@ -306,6 +360,10 @@ def check_layout(model, layout: Layout) -> None:
             (model.num_layers // (layout.pp * layout.chunks)) % layout.recompute_num_layers:
         problems.append(f"recompute_num_layers {layout.recompute_num_layers} does not divide "
                         "the layers of a model chunk")
+    elif model.moe is not None and (model.moe.num_experts % layout.ep or layout.dp % layout.ep
+                                    or plan_moe.expert_width(model) % layout.tp):
+        problems.append(f"EP {layout.ep} must divide the {model.moe.num_experts} experts and "
+                        f"DP {layout.dp}, and TP {layout.tp} the expert width")
     if problems:
         raise PlanError("; ".join(problems))
 
@@ -335,6 +393,7 @@ def what_if(model, layout: Layout, gpu_memory_gib: float = 80.0,
     return out
 
 
-__all__ = ["GIB", "Layout", "Plan", "PlanError", "StagePlan", "check_layout", "embedding_params",
+__all__ = ["GIB", "Layout", "Plan", "PlanError", "StagePlan", "active_block_params",
+           "block_params", "check_layout", "embedding_params",
            "head_params", "in_flight", "layer_activation_terms", "layer_params", "model_params",
            "plan_memory", "plan_stage", "stage_params", "what_if"]

@@ -36,8 +36,14 @@ def _model_line(model, plan: Plan) -> str:
     heads = f"{model.num_attention_heads} heads"
     if model.num_query_groups and model.num_query_groups != model.num_attention_heads:
         heads += f" / {model.num_query_groups} query groups"
+    moe = model.moe
+    mlp = f"ffn {model.ffn_hidden_size} {model.activation}" if moe is None else (
+        f"MoE every {moe.layer_freq} block(s): {moe.num_experts} {model.activation} experts "
+        f"of width {moe.expert_width(model.ffn_hidden_size)}, top-{moe.top_k}"
+        + (f", shared expert {moe.shared_expert}" if moe.shared_expert else "")
+        + f", EP {plan.layout.ep}")
     return (f"{_count(plan.total_params)} parameters; {model.num_layers} layers, hidden "
-            f"{model.hidden_size}, {heads}, ffn {model.ffn_hidden_size} {model.activation}, "
+            f"{model.hidden_size}, {heads}, {mlp}, "
             f"{model.normalization}, {model.position_embedding} positions, vocab "
             f"{model.vocab_size}, seq {model.seq_length}")
 

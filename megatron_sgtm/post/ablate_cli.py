@@ -28,7 +28,7 @@ def _main(args) -> int:
     import torch.distributed as dist
 
     from ..model import build_model
-    from .ablate import max_abs_forget, prune_full_params, zero_forget_
+    from .ablate import drop_forget_experts, max_abs_forget, prune_full_params, zero_forget_
     from .eval_export import find_tokenizer
     from .export_hf import export_hf
     from .hf_import import write_record
@@ -44,19 +44,26 @@ def _main(args) -> int:
         raise PostError("internal: theta_forget is not zero after ablation")
     say(f"ablate: zeroed {zeroed} theta_forget entries on rank 0 "
         f"(variant {core.routing.variant})")
-    out_core, out_model = core, model
-    if args.prune:
-        full = gather_full_params(model)
-        out_core, pruned = prune_full_params(full, core)
+    out_core, out_model, removed = core, model, []
+    if args.prune or core.model.moe is not None:
+        # MoE blocks always lose their forget experts (a zeroed expert would still be routed
+        # to); --prune also removes the forget heads and MLP units.
+        out_core, full, removed = drop_forget_experts(gather_full_params(model), core)
+        if args.prune:
+            out_core, full = prune_full_params(full, out_core)
         out_core.tensor_parallel = tp
         problems = out_core.problems()
         if problems:
             raise PostError("pruned model does not fit tensor_parallel="
                             f"{tp}: {'; '.join(problems)}; run with --tp 1")
         out_model = build_model(out_core)
-        load_full_params(out_model, pruned)
-        say(f"ablate: pruned to {out_core.model.num_attention_heads} heads, "
-            f"ffn {out_core.model.ffn_hidden_size}, kv_channels {out_core.model.kv_channels}")
+        load_full_params(out_model, full)
+        if removed:
+            say(f"ablate: removed forget experts {removed} from every MoE block "
+                f"({out_core.model.moe.num_experts} experts left)")
+        if args.prune:
+            say(f"ablate: pruned to {out_core.model.num_attention_heads} heads, "
+                f"ffn {out_core.model.ffn_hidden_size}, kv_channels {out_core.model.kv_channels}")
     if args.export == "hf":
         full = gather_full_params(out_model)
         tokenizer = find_tokenizer(meta, args.tokenizer, args.checkpoint, required=False)
@@ -79,7 +86,8 @@ def _main(args) -> int:
             say(f"ablate: {tokenizer_note(args.out)}")
         return 0
     ckpt_io.save(args.out, out_model, out_core, meta,
-                 {"ablated": True, "pruned": bool(args.prune), "source": str(args.checkpoint)})
+                 {"ablated": True, "pruned": bool(args.prune), "source": str(args.checkpoint),
+                  "removed_experts": removed})
     say(f"ablate: checkpoint written to {args.out}")
     return 0
 

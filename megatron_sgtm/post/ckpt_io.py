@@ -63,6 +63,17 @@ def _core_dict(config: dict) -> dict:
     return {k: config[k] for k in keys if k in config}
 
 
+def post_hoc_model(model: dict) -> None:
+    """A stored model config as post-hoc work builds it, in place. That work (evaluation,
+    calibration, attack fine-tuning, RMU) runs in fp32 on every device: it updates weights
+    with a plain AdamW that keeps no fp32 master copy, and reports losses; a bf16-trained
+    checkpoint loads into fp32 exactly. It runs at expert parallelism 1, where an MoE's token
+    dispatcher is allgather (the dispatcher changes no result)."""
+    model["params_dtype"] = "fp32"
+    if isinstance(model.get("moe"), dict):
+        model["moe"]["dispatcher"] = "allgather"
+
+
 def core_config(meta: dict, path: Path, tensor_parallel: int) -> CoreConfig:
     config = meta.get("config")
     if not isinstance(config, dict):
@@ -70,10 +81,7 @@ def core_config(meta: dict, path: Path, tensor_parallel: int) -> CoreConfig:
     raw = copy.deepcopy(_core_dict(config))
     raw["tensor_parallel"] = tensor_parallel
     if isinstance(raw.get("model"), dict):
-        # Post-hoc work (evaluation, calibration, attack fine-tuning, RMU) runs in fp32 on
-        # every device: it updates weights with a plain AdamW that keeps no fp32 master copy,
-        # and reports losses. A bf16-trained checkpoint loads into fp32 exactly.
-        raw["model"]["params_dtype"] = "fp32"
+        post_hoc_model(raw["model"])
     try:
         core = config_from_dict(CoreConfig, raw)
     except ConfigError as exc:

@@ -2,7 +2,10 @@
 
 - learned positions + LayerNorm + GELU  -> GPT-2 (``activation_function='gelu'`` is exact
   ``F.gelu``, like megatron's);
-- rope + SwiGLU + RMSNorm                -> Llama.
+- rope + SwiGLU + RMSNorm                -> Llama;
+- the same with every block MoE          -> Mixtral (softmax over the chosen top-k experts,
+  no shared expert): the router is ``gate``, expert e's fc1 ``[gate; up]`` is its fused
+  ``gate_up_proj[e]`` and fc2 its ``down_proj[e]``.
 
 Megatron's qkv rows are grouped per query group as ``[q x heads_per_group, k, v]`` (head_dim
 rows each); HF wants separate q / k / v blocks (GPT-2: one ``c_attn`` = [q; k; v], stored as a
@@ -91,46 +94,66 @@ def to_gpt2(full: dict, core: CoreConfig):
     return model
 
 
+def _llama_family(core: CoreConfig, full: dict, arch: str) -> dict:
+    """Config fields Llama and Mixtral share, after checking the model fits them."""
+    m = core.model
+    _check(core, full, {"activation": "swiglu", "position_embedding": "rope",
+                        "normalization": "RMSNorm"}, arch)
+    if m.hidden_size % m.num_attention_heads:
+        # transformers validates this even though Llama takes head_dim explicitly.
+        raise ExportError(f"cannot export as {arch}: transformers needs hidden_size "
+                          f"{m.hidden_size} divisible by the {m.num_attention_heads} heads "
+                          "(head_dim mismatch; export the zeroed, not the pruned, model)")
+    return dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size,
+                num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+                num_key_value_heads=m.query_groups, head_dim=m.head_dim,
+                max_position_embeddings=m.seq_length, rms_norm_eps=1e-5,
+                rope_theta=float(m.rotary_base), tie_word_embeddings=m.tie_embeddings,
+                bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def _default_rope(cfg, m) -> None:
+    if getattr(cfg, "rope_parameters", None) is not None:
+        cfg.rope_parameters = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
+
+
+def _llama_block(full: dict, m, i: int) -> dict:
+    """Block i's norms and attention weights under Llama's (and Mixtral's) names."""
+    g = lambda s: full.get(_layer(i, s))  # noqa: E731
+    p = f"model.layers.{i}."
+    q, k, v = split_qkv(g("self_attention.linear_qkv.weight"), m.query_groups,
+                        m.num_attention_heads // m.query_groups, m.head_dim)
+    return {p + "input_layernorm.weight": g("input_layernorm.weight"),
+            p + "post_attention_layernorm.weight": g("pre_mlp_layernorm.weight"),
+            p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+            p + "self_attn.v_proj.weight": v,
+            p + "self_attn.o_proj.weight": g("self_attention.linear_proj.weight")}
+
+
+def _llama_edges(full: dict) -> dict:
+    return {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
+            "model.norm.weight": full["decoder.final_layernorm.weight"],
+            "lm_head.weight": full.get("output_layer.weight",
+                                       full["embedding.word_embeddings.weight"])}
+
+
 def to_llama(full: dict, core: CoreConfig):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m = core.model
-    _check(core, full, {"activation": "swiglu", "position_embedding": "rope",
-                        "normalization": "RMSNorm"}, "Llama")
-    if m.hidden_size % m.num_attention_heads:
-        # transformers validates this even though Llama takes head_dim explicitly.
-        raise ExportError(f"cannot export as Llama: transformers needs hidden_size "
-                          f"{m.hidden_size} divisible by the {m.num_attention_heads} heads "
-                          "(head_dim mismatch; export the zeroed, not the pruned, model)")
     hpg = m.num_attention_heads // m.query_groups
-    cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size,
-                      intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
-                      num_attention_heads=m.num_attention_heads, num_key_value_heads=m.query_groups,
-                      head_dim=m.head_dim, max_position_embeddings=m.seq_length, rms_norm_eps=1e-5,
-                      rope_theta=float(m.rotary_base), attention_bias=m.add_bias_linear,
-                      mlp_bias=m.add_bias_linear, tie_word_embeddings=m.tie_embeddings,
-                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    if getattr(cfg, "rope_parameters", None) is not None:
-        cfg.rope_parameters = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
+    cfg = LlamaConfig(**_llama_family(core, full, "Llama"), intermediate_size=m.ffn_hidden_size,
+                      attention_bias=m.add_bias_linear, mlp_bias=m.add_bias_linear)
+    _default_rope(cfg, m)
     model = LlamaForCausalLM(cfg).eval()
-    sd = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"],
-          "model.norm.weight": full["decoder.final_layernorm.weight"],
-          "lm_head.weight": full.get("output_layer.weight",
-                                     full["embedding.word_embeddings.weight"])}
+    sd = _llama_edges(full)
     for i in range(m.num_layers):
         g = lambda s: full.get(_layer(i, s))  # noqa: E731
         p = f"model.layers.{i}."
-        q, k, v = split_qkv(g("self_attention.linear_qkv.weight"), m.query_groups, hpg, m.head_dim)
         gate, up = g("mlp.linear_fc1.weight").chunk(2, 0)
-        sd.update({
-            p + "input_layernorm.weight": g("input_layernorm.weight"),
-            p + "post_attention_layernorm.weight": g("pre_mlp_layernorm.weight"),
-            p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-            p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": g("self_attention.linear_proj.weight"),
-            p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": g("mlp.linear_fc2.weight"),
-        })
+        sd.update(_llama_block(full, m, i))
+        sd.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                   p + "mlp.down_proj.weight": g("mlp.linear_fc2.weight")})
         if m.add_bias_linear:
             qb, kb, vb = split_qkv(g("self_attention.linear_qkv.bias"), m.query_groups, hpg, m.head_dim)
             gb, ub = g("mlp.linear_fc1.bias").chunk(2, 0)
@@ -139,6 +162,39 @@ def to_llama(full: dict, core: CoreConfig):
                        p + "self_attn.o_proj.bias": g("self_attention.linear_proj.bias"),
                        p + "mlp.gate_proj.bias": gb, p + "mlp.up_proj.bias": ub,
                        p + "mlp.down_proj.bias": g("mlp.linear_fc2.bias")})
+    _load(model, sd)
+    return model
+
+
+def to_mixtral(full: dict, core: CoreConfig):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    m, moe = core.model, core.model.moe
+    unfit = [why for bad, why in (
+        (moe.layer_freq != 1, "every block must be an MoE block (model.moe.layer_freq 1)"),
+        (moe.shared_expert, "Mixtral has no shared expert"),
+        (moe.score_function != "softmax" or moe.pre_softmax,
+         "Mixtral weights the chosen experts by a softmax over their logits (score_function "
+         "softmax, pre_softmax false)"),
+        (m.add_bias_linear, "Mixtral has no linear biases")) if bad]
+    if unfit:
+        raise ExportError("cannot export as Mixtral: " + "; ".join(unfit))
+    cfg = MixtralConfig(**_llama_family(core, full, "Mixtral"),
+                        intermediate_size=moe.expert_width(m.ffn_hidden_size),
+                        num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                        sliding_window=None, router_jitter_noise=0.0, output_router_logits=False)
+    _default_rope(cfg, m)
+    model = MixtralForCausalLM(cfg).eval()
+    sd = _llama_edges(full)
+    for i in range(m.num_layers):
+        p, experts = f"model.layers.{i}.mlp.", range(moe.num_experts)
+        expert = lambda e, s: full[_layer(i, f"mlp.experts.local_experts.{e}.{s}")]  # noqa: E731
+        sd.update(_llama_block(full, m, i))
+        sd.update({p + "gate.weight": full[_layer(i, "mlp.router.weight")],
+                   p + "experts.gate_up_proj": torch.stack(
+                       [expert(e, "linear_fc1.weight") for e in experts]),
+                   p + "experts.down_proj": torch.stack(
+                       [expert(e, "linear_fc2.weight") for e in experts])})
     _load(model, sd)
     return model
 
@@ -166,6 +222,8 @@ def _load(model, sd: dict) -> None:
 
 
 def to_hf(full: dict, core: CoreConfig):
+    if core.model.moe is not None:
+        return to_mixtral(full, core)
     if core.model.position_embedding == "learned":
         return to_gpt2(full, core)
     return to_llama(full, core)

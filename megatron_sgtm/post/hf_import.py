@@ -23,8 +23,9 @@ from typing import Optional
 import torch
 
 from ..config import CoreConfig, ModelConfig, PartitionConfig, RoutingConfig
+from ..moe_config import MoEConfig
 from ..configbase import ConfigError, config_from_dict, config_to_dict
-from .ckpt_io import PostError
+from .ckpt_io import PostError, post_hoc_model
 
 RECORD_FILE = "sgtm_export.json"
 RECORD_VERSION = 1
@@ -135,6 +136,16 @@ def _llama_model(cfg: dict, path: Path) -> ModelConfig:
                        kv_channels=cfg.get("head_dim") or cfg["hidden_size"] // heads)
 
 
+def _mixtral_model(cfg: dict, path: Path) -> ModelConfig:
+    """Mixtral: Llama's attention and norms, every MLP a softmax-top-k MoE block."""
+    _need(cfg, "router_jitter_noise", 0.0, path)
+    _need(cfg, "sliding_window", None, path)
+    model = _llama_model(dict(cfg, attention_bias=False, mlp_bias=False), path)
+    model.moe = MoEConfig(num_experts=cfg["num_local_experts"],
+                          top_k=cfg["num_experts_per_tok"])
+    return model
+
+
 def model_from_hf_config(cfg: dict, path: Path) -> ModelConfig:
     kind = cfg.get("model_type")
     try:
@@ -142,10 +153,12 @@ def model_from_hf_config(cfg: dict, path: Path) -> ModelConfig:
             return _gpt2_model(cfg, path)
         if kind == "llama":
             return _llama_model(cfg, path)
+        if kind == "mixtral":
+            return _mixtral_model(cfg, path)
     except KeyError as exc:
         raise PostError(f"{path}: config.json lacks {exc}") from None
     raise PostError(f"{path}: model_type {kind!r} is not one this project exports "
-                    "(gpt2, llama)")
+                    "(gpt2, llama, mixtral)")
 
 
 def _core(path: Path, hf_cfg: dict, record: Optional[dict], tp: int) -> CoreConfig:
@@ -157,7 +170,7 @@ def _core(path: Path, hf_cfg: dict, record: Optional[dict], tp: int) -> CoreConf
                "partition": config_to_dict(PartitionConfig(forget_heads=0, forget_mlp_units=0)),
                "routing": config_to_dict(RoutingConfig(method="none"))}
     raw["tensor_parallel"] = tp
-    raw.setdefault("model", {})["params_dtype"] = "fp32"  # post-hoc work runs in fp32
+    post_hoc_model(raw.setdefault("model", {}))
     try:
         core = config_from_dict(CoreConfig, raw)
     except ConfigError as exc:
@@ -244,24 +257,49 @@ def _from_gpt2(hf: dict, m: ModelConfig, path: Path) -> dict:
     return full
 
 
-def _from_llama(hf: dict, m: ModelConfig, path: Path) -> dict:
-    hpg = m.num_attention_heads // m.query_groups
-    full = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+def _llama_edges(hf: dict) -> dict:
+    return {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
             "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+
+
+def _llama_attention(hf: dict, m: ModelConfig, i: int, kind: str = "weight") -> dict:
+    """Block i's norms (with ``kind`` weight) and attention ``kind`` tensors."""
+    p, d, a = f"model.layers.{i}.", f"decoder.layers.{i}.", f"model.layers.{i}.self_attn."
+    out = {f"{d}self_attention.linear_qkv.{kind}": merge_qkv(
+               hf[f"{a}q_proj.{kind}"], hf[f"{a}k_proj.{kind}"], hf[f"{a}v_proj.{kind}"],
+               m.query_groups, m.num_attention_heads // m.query_groups, m.head_dim),
+           f"{d}self_attention.linear_proj.{kind}": hf[f"{a}o_proj.{kind}"]}
+    if kind == "weight":
+        out.update({d + "input_layernorm.weight": hf[p + "input_layernorm.weight"],
+                    d + "pre_mlp_layernorm.weight": hf[p + "post_attention_layernorm.weight"]})
+    return out
+
+
+def _from_llama(hf: dict, m: ModelConfig, path: Path) -> dict:
+    full = _llama_edges(hf)
     for i in range(m.num_layers):
-        p, d = f"model.layers.{i}.", f"decoder.layers.{i}."
-        full.update({d + "input_layernorm.weight": hf[p + "input_layernorm.weight"],
-                     d + "pre_mlp_layernorm.weight": hf[p + "post_attention_layernorm.weight"]})
+        d, mlp = f"decoder.layers.{i}.", f"model.layers.{i}.mlp."
         for kind in ("weight", "bias") if m.add_bias_linear else ("weight",):
-            a, mlp = f"{p}self_attn.", f"{p}mlp."
+            full.update(_llama_attention(hf, m, i, kind))
             full.update({
-                f"{d}self_attention.linear_qkv.{kind}": merge_qkv(
-                    hf[f"{a}q_proj.{kind}"], hf[f"{a}k_proj.{kind}"], hf[f"{a}v_proj.{kind}"],
-                    m.query_groups, hpg, m.head_dim),
-                f"{d}self_attention.linear_proj.{kind}": hf[f"{a}o_proj.{kind}"],
                 f"{d}mlp.linear_fc1.{kind}": torch.cat([hf[f"{mlp}gate_proj.{kind}"],
                                                        hf[f"{mlp}up_proj.{kind}"]], 0),
                 f"{d}mlp.linear_fc2.{kind}": hf[f"{mlp}down_proj.{kind}"]})
+    return full
+
+
+def _from_mixtral(hf: dict, m: ModelConfig, path: Path) -> dict:
+    """Mixtral as ``save_pretrained`` writes it: per expert ``w1`` (gate), ``w3`` (up),
+    ``w2`` (down), and the router ``gate``."""
+    full = _llama_edges(hf)
+    for i in range(m.num_layers):
+        d, moe = f"decoder.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+        full.update(_llama_attention(hf, m, i))
+        full[d + "router.weight"] = hf[moe + "gate.weight"]
+        for e in range(m.moe.num_experts):
+            w = lambda n: hf[f"{moe}experts.{e}.{n}.weight"]  # noqa: E731
+            full[f"{d}experts.local_experts.{e}.linear_fc1.weight"] = torch.cat([w("w1"), w("w3")])
+            full[f"{d}experts.local_experts.{e}.linear_fc2.weight"] = w("w2")
     return full
 
 
@@ -269,7 +307,9 @@ def full_params(hf: dict, core: CoreConfig, path: Path) -> dict[str, torch.Tenso
     """HF tensors -> the TP=1 megatron parameter layout (the inverse of ``export_hf``)."""
     m = core.model
     try:
-        full = (_from_gpt2 if m.position_embedding == "learned" else _from_llama)(hf, m, path)
+        convert = (_from_mixtral if m.moe is not None else
+                   _from_gpt2 if m.position_embedding == "learned" else _from_llama)
+        full = convert(hf, m, path)
     except KeyError as exc:
         raise PostError(f"{path}: the weights lack {exc} for this architecture") from None
     embed = full["embedding.word_embeddings.weight"]
@@ -281,6 +321,21 @@ def full_params(hf: dict, core: CoreConfig, path: Path) -> dict[str, torch.Tenso
 
 
 # ---------------------------------------------------------------- the loader
+
+
+def _shape_keys(ours: ModelConfig, theirs: ModelConfig):
+    """(key, record's value, config.json's value) for what both must agree on."""
+    keys = ["num_layers", "hidden_size", "num_attention_heads", "vocab_size", "activation",
+            "position_embedding", "tie_embeddings"]
+    out = [(k, getattr(ours, k), getattr(theirs, k)) for k in keys]
+    if ours.moe is None or theirs.moe is None:
+        out.append(("ffn_hidden_size", ours.ffn_hidden_size, theirs.ffn_hidden_size))
+        out.append(("moe", ours.moe is not None, theirs.moe is not None))
+        return out
+    return out + [("moe.expert width", ours.moe.expert_width(ours.ffn_hidden_size),
+                   theirs.moe.expert_width(theirs.ffn_hidden_size)),
+                  ("moe.num_experts", ours.moe.num_experts, theirs.moe.num_experts),
+                  ("moe.top_k", ours.moe.top_k, theirs.moe.top_k)]
 
 
 def load(path: Path, tensor_parallel: int):
@@ -295,12 +350,10 @@ def load(path: Path, tensor_parallel: int):
     core = _core(path, hf_cfg, record, tensor_parallel)
     if record is not None:  # the record's core must describe the weights config.json names
         derived = model_from_hf_config(hf_cfg, path / "config.json")
-        for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                    "vocab_size", "activation", "position_embedding", "tie_embeddings"):
-            if getattr(derived, key) != getattr(core.model, key):
-                raise PostError(f"{path}: {RECORD_FILE} says model.{key}="
-                                f"{getattr(core.model, key)!r}, config.json "
-                                f"{getattr(derived, key)!r}")
+        for key, ours, theirs in _shape_keys(core.model, derived):
+            if ours != theirs:
+                raise PostError(f"{path}: {RECORD_FILE} says model.{key}={ours!r}, "
+                                f"config.json {theirs!r}")
     full = full_params(read_safetensors(path), core, path)
     model = build_model(core)
     try:

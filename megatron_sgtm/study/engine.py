@@ -52,22 +52,31 @@ def seed_all(seed: int) -> None:
 
 def core_config(size, vocab: int, seq: int, entry=None):
     """The CoreConfig of a study run: the size's architecture and forget units, with the
-    method entry's (a resolved ``MethodSpec``; None: no routing) routing and partition
+    method entry's (a resolved ``MethodSpec``; None: no routing) routing, partition and MoE
     settings on top."""
+    import copy
+
     from ..config import CoreConfig, PartitionConfig, RoutingConfig
 
     def pick(key):
         value = None if entry is None else getattr(entry, key)
         return getattr(size, key) if value is None else value
 
+    model = size.model_config(vocab, seq)
+    moe = None if entry is None else entry.moe
+    forget_mlp = pick("forget_mlp_units")
+    if moe is not None:
+        model.moe = copy.deepcopy(moe)
+        if entry.forget_mlp_units is None and moe.layer_freq == 1:
+            forget_mlp = 0  # every block is an MoE block: no dense MLP to hold forget units
     routing = RoutingConfig(method="none") if entry is None or entry.routing_method == "none" else \
         RoutingConfig(method=entry.routing_method, variant=entry.variant,
-                      mask_embeddings=entry.mask_embeddings)
+                      mask_embeddings=entry.mask_embeddings, moe_forget=entry.moe_forget)
     return CoreConfig(
-        model=size.model_config(vocab, seq),
-        partition=PartitionConfig(forget_heads=pick("forget_heads"),
-                                  forget_mlp_units=pick("forget_mlp_units"),
-                                  layers=None if entry is None else entry.layers),
+        model=model,
+        partition=PartitionConfig(forget_heads=pick("forget_heads"), forget_mlp_units=forget_mlp,
+                                  layers=None if entry is None else entry.layers,
+                                  forget_experts=(entry.forget_experts or 0) if moe else 0),
         routing=routing)
 
 

@@ -92,9 +92,11 @@ def entries_by_base(rows: list[dict]) -> dict[str, list[str]]:
 
 
 def non_embedding_params(rows: list[dict]) -> dict[str, float]:
-    """Size name -> its non-embedding parameter count, from the finished runs' rows."""
+    """Size name -> its (dense) non-embedding parameter count, from the finished runs' rows;
+    MoE entries' rows, whose parameters exceed what a token uses, are left out."""
     return {r["size"]: float(r["non_embedding_params"]) for r in rows
-            if r.get("status") == "done" and r.get("non_embedding_params") not in (None, "")}
+            if r.get("status") == "done" and r.get("non_embedding_params") not in (None, "")
+            and r.get("active_non_embedding_params") in (None, "", r["non_embedding_params"])}
 
 
 def comparisons(rows: list[dict]) -> list[Comparison]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, get_args
 
+from ..moe_config import MoEConfig, MoEForget
+
 StudyMethod = Literal["no_filter", "weak_filter", "strict_filter", "sgtm",
                       "gradient_routing", "activation_masking"]
 BASE_METHODS = get_args(StudyMethod)
@@ -36,6 +38,12 @@ class MethodSpec:
     forget_mlp_units: Optional[int] = None
     # 0-based layers that carry forget units (None: every layer).
     layers: Optional[list[int]] = None
+    # An MoE architecture on top of the size (model.moe: the size's MLPs become MoE blocks),
+    # its forget experts per block and how forget tokens are routed (docs/moe.md). With every
+    # block MoE, forget_mlp_units defaults to 0 (there is no dense MLP).
+    moe: Optional[MoEConfig] = None
+    forget_experts: Optional[int] = None
+    moe_forget: MoEForget = "learned"
 
     @property
     def base(self) -> str:
@@ -108,6 +116,11 @@ def entry_problems(methods) -> list[str]:
         for key in ("forget_heads", "forget_mlp_units", "layers"):
             if getattr(entry, key) is not None and base not in ROUTING_METHOD:
                 out.append(f"{where}.{key}: {base} has no forget units (a routing method has)")
+        if entry.moe is None and (entry.forget_experts is not None or
+                                  entry.moe_forget != "learned"):
+            out.append(f"{where}: forget_experts and moe_forget need an moe architecture")
+        if entry.moe_forget != "learned" and base != "sgtm":
+            out.append(f"{where}.moe_forget: applies to method sgtm only, not {base}")
     return out
 
 

@@ -296,11 +296,15 @@ def execute(spec: StudySpec, ctx: Context, run: RunSpec, log: Log = print) -> di
         trained = train_stage(spec, ctx, run, log)
         evaluated = eval_stage(spec, ctx, run, trained, log)
         size = size_by_name(spec, run.size)
-        params = param_count(size, ctx.vocab, spec.train.seq_length)
+        from .engine import core_config
+
+        model = core_config(size, ctx.vocab, spec.train.seq_length, entry_of(spec, run)).model
+        params = param_count(size, ctx.vocab, spec.train.seq_length, model)
         row = run.to_dict() | {
             "status": "done", "params": params["total"], "non_embedding_params": params["non_embedding"],
+            "active_non_embedding_params": params["active_non_embedding"],
             "tokens_trained": trained["tokens"], "steps": trained["steps"],
-            "flops": train_flops(params["non_embedding"], trained["tokens"]),
+            "flops": train_flops(params["active_non_embedding"], trained["tokens"]),
             "forget_tokens_seen": trained["forget_tokens_seen"],
             "undiscovered_tokens_seen": trained["undiscovered_tokens_seen"],
             "train_seconds": trained["seconds"], **evaluated, "sgtm_version": version_string()}

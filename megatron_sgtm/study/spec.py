@@ -38,6 +38,7 @@ class SizeSpec:
     position_embedding: Literal["learned", "rope"] = "learned"
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     tie_embeddings: bool = True
+    add_bias_linear: bool = True
     # Processes (GPUs) per run of this size. 1: the in-process single-rank trainer; more:
     # `sgtm train` under torchrun with this tensor parallelism (the rest data parallel).
     gpus: int = 1
@@ -55,7 +56,8 @@ class SizeSpec:
             num_attention_heads=self.num_attention_heads, num_query_groups=self.num_query_groups,
             ffn_hidden_size=self.ffn_hidden_size, activation=self.activation,
             position_embedding=self.position_embedding, normalization=self.normalization,
-            tie_embeddings=self.tie_embeddings, vocab_size=vocab, seq_length=seq_length)
+            tie_embeddings=self.tie_embeddings, add_bias_linear=self.add_bias_linear,
+            vocab_size=vocab, seq_length=seq_length)
 
     def unit_problems(self, forget_heads: int, forget_mlp_units: int,
                       layers: Optional[list[int]] = None) -> list[str]:
@@ -260,6 +262,13 @@ class StudySpec:
                            f"{n} budget(s) of size {size.name}")
         out += entry_problems(self.methods)
         for name, entry in method_entries(self).items():
+            if entry.moe is not None:  # the whole MoE config, checked on every size
+                from .engine import core_config
+
+                for size in self.sizes:
+                    out += [f"methods.{name} (size {size.name}): {p}"
+                            for p in core_config(size, 64, 8, entry).problems()]
+                continue
             overrides = (entry.forget_heads, entry.forget_mlp_units, entry.layers)
             if entry.routing_method == "none" or overrides == (None, None, None):
                 continue  # the sizes' own units were checked with the sizes

@@ -12,7 +12,8 @@ from .spec import RunSpec
 
 FIRST = ["run_id", "status", "kind", "size", "tokens", "method", "base_method", "rate", "seed", "forget_share",
          "retain_loss", "forget_loss", "adjacent_loss", "retain_loss_raw", "forget_loss_raw",
-         "adjacent_loss_raw", "generation_rate", "params", "non_embedding_params", "tokens_trained",
+         "adjacent_loss_raw", "generation_rate", "params", "non_embedding_params",
+         "active_non_embedding_params", "tokens_trained",
          "steps", "flops", "forget_tokens_seen", "undiscovered_tokens_seen", "train_seconds",
          "eval_seconds", "error"]
 

@@ -205,7 +205,8 @@ class ExperimentConfig(CoreConfig):
                           tensor_parallel=self.tensor_parallel,
                           sequence_parallel=self.sequence_parallel,
                           pipeline_parallel=self.pipeline_parallel,
-                          virtual_pipeline_parallel=self.virtual_pipeline_parallel)
+                          virtual_pipeline_parallel=self.virtual_pipeline_parallel,
+                          expert_parallel=self.expert_parallel)
 
     @property
     def run_dir(self) -> str:
@@ -228,6 +229,9 @@ class ExperimentConfig(CoreConfig):
                                                 self.sequence_parallel):
             out.append("engine.name deepspeed supports data x tensor parallelism only: "
                        "pipeline_parallel and sequence_parallel need engine.name megatron")
+        if self.engine.name == "deepspeed" and self.model.moe is not None:
+            out.append("engine.name deepspeed does not train MoE models here (its ZeRO "
+                       "reduction knows no expert-parallel groups); use engine.name megatron")
         return out
 
     def batch_plan(self, world_size: int) -> tuple[int, int]:
@@ -238,6 +242,9 @@ class ExperimentConfig(CoreConfig):
         if world_size % mp:
             raise ConfigError([f"{world_size} processes are not divisible by {layout} = {mp}"])
         dp = world_size // mp
+        if dp % self.expert_parallel:
+            raise ConfigError([f"{world_size} processes at {layout} leave a data-parallel size "
+                               f"{dp}, not divisible by expert_parallel {self.expert_parallel}"])
         per_step = self.train.micro_batch_size * dp
         if self.train.global_batch_size % per_step:
             raise ConfigError([f"train.global_batch_size {self.train.global_batch_size} is not a "

@@ -29,6 +29,9 @@ def check_device(cfg: ExperimentConfig, cuda: bool) -> None:
     if cfg.engine.distributed_optimizer:
         raise TrainError("engine.distributed_optimizer needs CUDA (megatron's distributed "
                          "optimizer checks for CUDA tensors); turn it off on CPU")
+    if cfg.model.moe is not None and cfg.model.moe.dispatcher == "alltoall":
+        raise TrainError("model.moe.dispatcher alltoall needs CUDA (megatron's alltoall "
+                         "dispatcher runs on CUDA streams); use allgather on CPU")
 
 
 def compile_model(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> bool:

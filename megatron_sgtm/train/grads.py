@@ -7,6 +7,10 @@ biases, position embeddings) holds the same values on every TP rank and is count
 model-parallel group (TP x PP); the last stage's copy of tied embeddings (``param.shared``)
 is not counted, its gradient being the first stage's. After the data-parallel all-reduce every
 DP rank holds the same gradients, so nothing is reduced over DP.
+
+Under expert parallelism the routed experts differ between the EP ranks of one DP group (and
+are reduced over the expert-data-parallel group instead): their squared norms are summed over
+the expert model-parallel group (expert TP x EP x PP) rather than TP x PP.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ CATEGORY_NAMES = ("forget", "retain", "joint")
 _LINEAR = re.compile(r"decoder\.layers\.(\d+)\.(?:self_attention\.linear_(qkv|proj)|"
                      r"mlp\.linear_(fc1|fc2))\.(weight|bias)$")
 _BLOCK_NORM = re.compile(r"decoder\.layers\.\d+\.(input_layernorm|pre_mlp_layernorm)\.")
+# MoE blocks: the router's rows are experts; a routed expert is a whole unit.
+_MOE = re.compile(r"decoder\.layers\.(\d+)\.mlp\.(router|experts\.local_experts\.(\d+)|"
+                  r"shared_experts)\.")
 
 
 def grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
@@ -54,15 +61,39 @@ def _tp_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def is_expert_parallel(param: torch.nn.Parameter) -> bool:
+    """A routed expert's parameter sharded over expert-parallel ranks (megatron marks them
+    ``allreduce=False`` when EP > 1: they are reduced over expert data parallelism)."""
+    return not getattr(param, "allreduce", True)
+
+
+def _model_sum(dense: torch.Tensor, expert: Optional[torch.Tensor]) -> torch.Tensor:
+    """Dense squared norms summed over TP x PP, expert-parallel ones over expert TP x EP x PP."""
+    dense = _tp_sum(dense)
+    if expert is None:
+        return dense
+    group = parallel_state.get_expert_tensor_model_pipeline_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(expert, group=group)
+    return dense + expert
+
+
+def _squared_sum(grads: list[torch.Tensor], device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(torch._foreach_norm([g.float() for g in grads], 2.0)).square().sum()
+
+
 def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """The global L2 norm over the whole model, as a 0-d tensor (no host sync)."""
-    grads = [g for g in (grad_of(p) for p in counted_params(params)) if g is not None]
-    if grads:
-        norms = torch._foreach_norm([g.float() for g in grads], 2.0)
-        sq = torch.stack(norms).square().sum()
-    else:
-        sq = torch.zeros((), dtype=torch.float32, device=params[0].device)
-    return _tp_sum(sq).sqrt()
+    counted = counted_params(params)
+    device = params[0].device
+    dense = _squared_sum([g for p in counted if not is_expert_parallel(p)
+                          if (g := grad_of(p)) is not None], device)
+    experts = [p for p in counted if is_expert_parallel(p)]
+    expert = _squared_sum([g for p in experts if (g := grad_of(p)) is not None], device) \
+        if experts or parallel_state.get_expert_model_parallel_world_size() > 1 else None
+    return _model_sum(dense, expert).sqrt()
 
 
 def clip_grads(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -84,6 +115,7 @@ class _Entry:
     category: int  # category of the whole tensor, or of its non-forget part
     forget_dim: int = 0
     forget_index: Optional[torch.Tensor] = None
+    expert_parallel: bool = False
 
 
 class PartitionNorms:
@@ -99,6 +131,9 @@ class PartitionNorms:
         local = partition.local(tp, rank)
         forget_roles = ablated_roles(routing.variant)
         masked_edges = RETAIN if routing.mask_embeddings else JOINT
+        self.experts_per_rank = partition.num_experts // max(
+            1, parallel_state.get_expert_model_parallel_world_size())
+        self.ep_rank = parallel_state.get_expert_model_parallel_rank()
         self.entries: list[_Entry] = []
         for chunk in chunks:
             self._add_chunk(chunk, partition, local, forget_roles, masked_edges)
@@ -107,6 +142,11 @@ class PartitionNorms:
         global_layer = [layer.layer_number - 1 for layer in chunk.decoder.layers]
         for name, param in chunk.named_parameters():
             if not counts_here(param):
+                continue
+            moe = _MOE.search(name)
+            if moe:
+                self.entries.append(self._moe_entry(param, partition,
+                                                    global_layer[int(moe.group(1))], moe))
                 continue
             match = _LINEAR.search(name)
             if match:
@@ -132,14 +172,31 @@ class PartitionNorms:
             else:  # final norm, output bias
                 self.entries.append(_Entry(param, JOINT))
 
+    def _moe_entry(self, param, partition, layer: int, match) -> _Entry:
+        """Router rows of forget experts and the forget experts themselves are theta_forget;
+        the rest of an MoE block (retain experts, retain rows, a shared expert) theta_retain."""
+        forget = partition.forget_experts if partition.has_forget_experts(layer) else ()
+        expert_parallel = is_expert_parallel(param)
+        if match.group(2) == "router":
+            index = torch.tensor(forget, dtype=torch.long, device=param.device) if forget else None
+            return _Entry(param, RETAIN, 0, index)
+        if match.group(3) is not None:
+            expert = self.ep_rank * self.experts_per_rank + int(match.group(3))
+            return _Entry(param, FORGET if expert in forget else RETAIN,
+                          expert_parallel=expert_parallel)
+        return _Entry(param, RETAIN)
+
     def squared(self) -> torch.Tensor:
-        """``[3]`` squared norms (forget, retain, joint), TP-reduced, still on the device."""
+        """``[3]`` squared norms (forget, retain, joint), model-parallel-reduced (experts over
+        expert parallelism too), still on the device."""
         device = self.entries[0].param.device if self.entries else torch.device("cpu")
-        out = torch.zeros(3, dtype=torch.float32, device=device)
+        dense = torch.zeros(3, dtype=torch.float32, device=device)
+        expert = torch.zeros(3, dtype=torch.float32, device=device)
         for entry in self.entries:
             grad = grad_of(entry.param)
             if grad is None:
                 continue
+            out = expert if entry.expert_parallel else dense
             total = grad.float().square().sum()
             if entry.forget_index is not None:
                 part = grad.index_select(entry.forget_dim, entry.forget_index).float().square().sum()
@@ -147,7 +204,8 @@ class PartitionNorms:
                 out[entry.category] += total - part
             else:
                 out[entry.category] += total
-        return _tp_sum(out)
+        ep = parallel_state.get_expert_model_parallel_world_size()
+        return _model_sum(dense, expert if ep > 1 else None)
 
     def norms(self) -> dict[str, float]:
         values = self.squared().clamp(min=0).sqrt().tolist()

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             init_parallel(cfg.tensor_parallel, cfg.train.seed,
                           pipeline_parallel=cfg.pipeline_parallel,
-                          virtual_pipeline_parallel=cfg.virtual_pipeline_parallel)
+                          virtual_pipeline_parallel=cfg.virtual_pipeline_parallel,
+                          expert_parallel=cfg.expert_parallel)
             with RunGuard.open(cfg, dist.get_rank(), stop) as guard:
                 result = train(cfg, guard)
         except (TrainError, ConfigError) as exc:
