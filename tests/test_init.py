@@ -85,8 +85,11 @@ def test_a_shard_is_drawn_as_the_slice_of_the_whole_tensor(name, full_shape, dim
 
 
 def test_every_parameter_needs_a_rule():
-    with pytest.raises(init.InitError, match="decoder.layers.0.mlp.router.weight"):
-        init.rule_for("decoder.layers.0.mlp.router.weight", 0.02, 2)
+    with pytest.raises(init.InitError, match="decoder.layers.0.mlp.shared_experts.gate_weight"):
+        init.rule_for("decoder.layers.0.mlp.shared_experts.gate_weight", 0.02, 2)
+    assert init.rule_for("decoder.layers.0.mlp.router.weight", 0.02, 2) == init.Rule("normal", 0.02)
+    fc2 = init.rule_for("decoder.layers.1.mlp.experts.local_experts.5.linear_fc2.weight", 0.02, 2)
+    assert fc2 == init.Rule("normal", 0.01)
     assert init.rule_for("decoder.layers.1.input_layernorm.weight", 0.02, 2).kind == "ones"
     assert init.rule_for("output_layer.bias", 0.02, 2).kind == "zeros"
 
